@@ -1,0 +1,52 @@
+"""Sacroplasty coverage CDS Hooks service (Sandhills Center policy CCP.1247)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from flask import Flask
+from flask_cors import CORS
+
+from .config import Settings
+
+__version__ = "0.1.0"
+
+
+def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
+    """Application factory. `config` is a Settings, a mapping of Settings fields, or None (environment)."""
+    if isinstance(config, Settings):
+        settings = config
+    else:
+        settings = Settings.from_env().with_overrides(**dict(config or {}))
+
+    from . import api, viewer
+    from .engine import Engine
+    from .store import Store, StoreUnavailable
+
+    app = Flask(__name__)
+    app.config["CDS_SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # keep card fields in spec order
+    app.json.compact = True
+
+    logging.getLogger("cds_service").setLevel(settings.log_level)
+    store = Store(settings.database_url)
+    try:
+        store.ensure_schema()
+    except StoreUnavailable as exc:
+        logging.getLogger(__name__).error("database unavailable at start (%s); will retry on use", exc)
+    app.extensions["cds_store"] = store
+    app.extensions["cds_engine"] = Engine(settings, store)
+    app.extensions["cds_auth"] = None
+    if settings.dev:
+        logging.getLogger(__name__).warning(
+            "DEV MODE: hook and feedback calls are NOT authenticated. Use only on a trusted machine.")
+
+    CORS(app, origins=settings.cors_origins, allow_headers=["Authorization", "Content-Type"],
+         methods=["GET", "POST", "OPTIONS"], max_age=600)
+    api.register_errors(app)
+    api.register_request_log(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(viewer.bp)
+    return app

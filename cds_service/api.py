@@ -1,0 +1,144 @@
+"""The CDS Hooks 2.0 HTTP API: discovery, service invocation, feedback, and JSON errors for everything."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .engine import Engine, Service
+from .errors import ApiError, bad_request
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("cds", __name__)
+
+
+def engine() -> Engine:
+    return current_app.extensions["cds_engine"]
+
+
+def _service(service_id: str) -> Service:
+    service = engine().services.get(service_id)
+    if service is None:
+        raise ApiError(404, "unknown_service", f"no CDS service with id {service_id!r}; see GET /cds-services")
+    return service
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """True when JSON nesting goes deeper than `limit` (iterative: hostile input cannot blow the stack)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return False
+
+
+def read_json() -> tuple[Any, str]:
+    """The request body as parsed JSON and as text. 415 unless JSON, 413 when too big, 400 when invalid."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the request body as application/json")
+    raw = request.get_data(cache=False)  # Flask enforces MAX_CONTENT_LENGTH here (413)
+    try:
+        text = raw.decode("utf-8")
+        body = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad_request(f"the request body is not valid JSON ({type(exc).__name__})") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
+    if _too_deep(body, current_app.config["CDS_SETTINGS"].max_json_depth):
+        raise bad_request("the request body is nested too deeply")
+    return body, text
+
+
+def authenticate(service: Service, feedback: bool = False) -> None:
+    """Verify the CDS client's JWT unless the service runs in dev mode (see auth.py)."""
+    authenticator = current_app.extensions.get("cds_auth")
+    if authenticator is not None:
+        g.client = authenticator.verify(request.headers.get("Authorization"), service.id, feedback=feedback)
+
+
+@bp.get("/cds-services")
+def discovery() -> Response:
+    if current_app.config["CDS_SETTINGS"].dev:
+        log.warning("DEV MODE: hook calls are not authenticated; never expose this instance to a network")
+    return jsonify(engine().discovery())
+
+
+@bp.post("/cds-services/<service_id>")
+def invoke(service_id: str) -> Response:
+    service = _service(service_id)
+    g.service_id = service.id
+    authenticate(service)
+    body, raw = read_json()
+    if isinstance(body, dict) and isinstance(body.get("hookInstance"), str):
+        g.hook_instance = body["hookInstance"][:80]
+    response = engine().evaluate(service, body, raw)
+    g.cards = len(response["cards"])
+    return jsonify(response)
+
+
+@bp.post("/cds-services/<service_id>/feedback")
+def feedback(service_id: str) -> Response:
+    from .feedback import receive
+
+    service = _service(service_id)
+    g.service_id = service.id
+    authenticate(service, feedback=True)
+    body, _ = read_json()
+    return jsonify(receive(engine(), service, body))
+
+
+def _error_response(error: ApiError) -> Response:
+    response = jsonify(error.body())
+    response.status_code = error.status
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    return response
+
+
+def register_errors(app: Flask) -> None:
+    """Every error is JSON with the right status; no stack trace ever reaches a client."""
+
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError) -> Response:
+        return _error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        code = (error.name or "error").lower().replace(" ", "_")
+        response = _error_response(ApiError(error.code or 500, code, error.description or error.name))
+        if error.code == 405 and error.get_response().headers.get("Allow"):
+            response.headers["Allow"] = error.get_response().headers["Allow"]
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception) -> Response:
+        log.error("unexpected %s in %s %s", type(error).__name__, request.method, request.path)
+        return _error_response(ApiError(500, "internal_error", "the service failed to answer; this is logged"))
+
+
+def register_request_log(app: Flask) -> None:
+    """One line per request: what was called, how it ended, how long it took. Never patient data."""
+
+    @app.before_request
+    def start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def log_request(response: Response) -> Response:
+        if request.path.startswith("/cds-services"):
+            elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+            log.info("%s %s service=%s hookInstance=%s status=%d cards=%s ms=%.1f", request.method,
+                     request.url_rule.rule if request.url_rule else "-", g.get("service_id", "-"),
+                     g.get("hook_instance", "-"), response.status_code, g.get("cards", "-"), elapsed)
+        return response

@@ -1,0 +1,186 @@
+"""Decision → CDS Hooks 2.0 card, with one suggestion per orderable covered alternative.
+
+Everything a card says comes from the policy data in cards/; this module only assembles it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .decide import Decision
+from .hooks import HookRequest
+from fhir.resources.R4B.servicerequest import ServiceRequest
+
+from .policy import Alternative, Policy
+
+CARD_EXTENSION_POLICY = "cds-sacroplasty.policy"
+CRD_ASSOCIATED_RESOURCE = "davinci-crd.associated-resource"
+
+# Elements of the draft that the replacement order keeps: same patient, visit, orderer and reason.
+CARRIED_OVER = ("subject", "encounter", "requester", "authoredOn", "reasonReference", "priority", "insurance")
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    """A card as returned, plus what the payer's records need about it (no patient data)."""
+
+    card: dict[str, Any]
+    suggestions: dict[str, str]  # suggestion uuid → alternative id
+    decision: Decision
+
+
+def _as_list(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, dict):
+        return [value]
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _reference(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) and isinstance(value.get("reference"), str) else None
+
+
+class CardBuilder:
+    """Precomputes everything that does not depend on the request; `build` fills in the rest."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        card = policy.card
+        self._source = {"label": policy.source["label"], "url": policy.source["url"], "topic": policy.source["topic"]}
+        self._override_reasons = [dict(r) for r in policy.override_reasons]
+        self._base = {
+            "summary": card["summary"],
+            "indicator": card["indicator"],
+            "selectionBehavior": card["selection_behavior"],
+        }
+        self._advice = "\n".join(f"- {text}" for text in policy.advice)
+        self._note = card["note_on_created_order"]
+
+    def build(self, decision: Decision, hook_request: HookRequest, now: datetime,
+              with_suggestions: bool = True) -> IssuedCard:
+        policy = self.policy
+        order = decision.order
+        offered = [a for a in policy.alternatives if a.conditional != "chiropractic" or decision.chiropractic.offer]
+        suggestions, suggestion_ids = [], {}
+        if with_suggestions:
+            base = self.replacement_base(order, hook_request, now)
+            for alternative in offered:
+                suggestion = self._suggestion(alternative, decision, base)
+                suggestions.append(suggestion)
+                suggestion_ids[suggestion["uuid"]] = alternative.id
+        card: dict[str, Any] = {
+            "uuid": str(uuid.uuid4()),
+            **self._base,
+            "detail": self._detail(decision, offered),
+            "source": self._source,
+            "overrideReasons": self._override_reasons,
+            "extension": {CARD_EXTENSION_POLICY: policy.identity},
+        }
+        reference = _order_reference(order)
+        if reference:
+            card["extension"][CRD_ASSOCIATED_RESOURCE] = [{"reference": reference}]
+        if suggestions:
+            card["suggestions"] = suggestions
+        else:
+            del card["selectionBehavior"]
+        return IssuedCard(card, suggestion_ids, decision)
+
+    def _detail(self, decision: Decision, offered: list[Alternative]) -> str:
+        messages = self.policy.messages
+        notes = [messages[key] for key in (decision.plan.note, decision.chiropractic.note) if key]
+        alternatives = "\n".join(f"- {a.policy_text}" for a in self.policy.alternatives)
+        return self.policy.detail_template.safe_substitute(
+            number=self.policy.number,
+            revision_date=self.policy.revision_date,
+            url=self.policy.source["url"],
+            alternatives=alternatives,
+            advice=self._advice,
+            notes="".join(f"\n{note}\n" for note in notes),
+        )
+
+    def _suggestion(self, alternative: Alternative, decision: Decision, base: dict[str, Any]) -> dict[str, Any]:
+        order = decision.order
+        label = alternative.label
+        if alternative.conditional == "chiropractic":
+            label += decision.chiropractic.label_suffix
+        actions: list[dict[str, Any]] = []
+        reference = _order_reference(order)
+        if reference:
+            actions.append({
+                "type": "delete",
+                "description": f"Remove the sacroplasty order ({_order_name(order)}), not covered under policy "
+                               f"{self.policy.number}.",
+                "resourceId": reference,
+            })
+        actions.append({
+            "type": "create",
+            "description": f"Add a draft order: {alternative.text}.",
+            "resource": self.replacement_order(alternative, base),
+        })
+        return {"label": label, "uuid": str(uuid.uuid4()), "actions": actions}
+
+    def replacement_base(self, order: dict[str, Any], hook_request: HookRequest, now: datetime) -> dict[str, Any]:
+        """What every replacement of `order` shares: same patient, visit, orderer, date and reason.
+
+        Copied from the draft where it is valid FHIR R4; validated once per order, so that each
+        alternative only adds its (already validated) code.
+        """
+        base = self._base_order(order, hook_request, now, copy_from_draft=True)
+        try:
+            ServiceRequest.model_validate({**base, "code": {"text": "check"}})
+        except ValueError:
+            base = self._base_order(order, hook_request, now, copy_from_draft=False)
+        return base
+
+    def _base_order(self, order: dict[str, Any], hook_request: HookRequest, now: datetime,
+                    copy_from_draft: bool) -> dict[str, Any]:
+        resource: dict[str, Any] = {"resourceType": "ServiceRequest", "status": "draft", "intent": "order"}
+        if copy_from_draft:
+            if isinstance(order.get("intent"), str):
+                resource["intent"] = order["intent"]
+            for key in CARRIED_OVER:
+                value = order.get(key)
+                if key in ("subject", "encounter", "requester"):
+                    value = _reference(value)
+                elif key in ("insurance", "reasonReference"):
+                    value = [v for v in _as_list(value) if _reference(v)] or None
+                elif not isinstance(value, str):
+                    value = None
+                if value:
+                    resource[key] = value
+            reasons = [r for r in _as_list(order.get("reasonCode")) if r.get("coding") or r.get("text")]
+            if reasons:
+                resource["reasonCode"] = reasons
+        resource.setdefault("subject", {"reference": f"Patient/{hook_request.patient_id}"})
+        if hook_request.encounter_id:
+            resource.setdefault("encounter", {"reference": f"Encounter/{hook_request.encounter_id}"})
+        resource.setdefault("requester", {"reference": hook_request.user_id})
+        resource.setdefault("authoredOn", now.isoformat(timespec="seconds"))
+        resource["note"] = [{"text": self._note}]
+        return resource
+
+    @staticmethod
+    def replacement_order(alternative: Alternative, base: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **base,
+            "id": str(uuid.uuid4()),
+            "code": {"coding": [dict(c) for c in alternative.codings], "text": alternative.text},
+        }
+
+
+def _order_reference(order: dict[str, Any]) -> str | None:
+    rid = order.get("id")
+    return f"ServiceRequest/{rid}" if isinstance(rid, str) and rid else None
+
+
+def _order_name(order: dict[str, Any]) -> str:
+    code = order.get("code")
+    if isinstance(code, dict):
+        if isinstance(code.get("text"), str):
+            return code["text"]
+        for coding in _as_list(code.get("coding")):
+            if isinstance(coding.get("code"), str):
+                return coding["code"]
+    return "sacroplasty"

@@ -1,0 +1,105 @@
+"""`cds-service` command line: serve, evaluate, report, call, keys."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from .config import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from . import create_app
+
+    if args.dev:
+        os.environ["CDS_DEV"] = "1"
+    settings = Settings.from_env()
+
+    class Server(BaseApplication):  # gunicorn's documented way to embed it
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("workers", args.workers)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", args.threads)
+            self.cfg.set("keepalive", 5)
+            self.cfg.set("timeout", 30)
+            self.cfg.set("accesslog", None)
+            self.cfg.set("errorlog", "-")
+            self.cfg.set("loglevel", "info")
+
+        def load(self) -> Any:
+            return create_app(settings)
+
+    if settings.dev:
+        logging.getLogger("cds_service").warning(
+            "DEV MODE: starting WITHOUT client authentication on %s:%s", args.host, args.port)
+    Server().run()
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .errors import ApiError
+
+    try:
+        with open(args.file, encoding="utf-8") as handle:
+            body = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    engine = Engine(Settings.from_env())
+    hook = body.get("hook") if isinstance(body, dict) else None
+    service = next((s for s in engine.services.values() if s.hook == hook), None)
+    if service is None:
+        print(f"error: {args.file}: 'hook' must be one of "
+              + ", ".join(s.hook for s in engine.services.values()), file=sys.stderr)
+        return 2
+    try:
+        response = engine.evaluate(service, body)
+    except ApiError as exc:
+        where = f" ({exc.field})" if exc.field else ""
+        print(f"error: {args.file}: {exc.message}{where}", file=sys.stderr)
+        return 2
+    print(json.dumps(response, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import client, report
+
+    parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service under gunicorn")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument("--threads", type=int, default=4, help="threads per worker (default 4)")
+    serve.add_argument("--dev", action="store_true",
+                       help="local, trusted set-up: no client authentication (also CDS_DEV=1)")
+    serve.set_defaults(func=_serve)
+
+    evaluate = commands.add_parser("evaluate", help="print the response the service would give to a hook request")
+    evaluate.add_argument("file")
+    evaluate.set_defaults(func=_evaluate)
+
+    report.configure_parser(commands.add_parser("report", help="how clinicians answered the cards"))
+    client.configure_call_parser(commands.add_parser("call", help="fire a hook request at a CDS service"))
+    client.configure_keys_parser(commands.add_parser("keys", help="make a key pair and print its JWKS"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Settings, read from environment variables with defaults that work on a fresh machine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _default_cards_dir() -> Path:
+    # An installed wheel carries cards/ inside the package; a source checkout has it at the top.
+    bundled = PACKAGE_DIR / "_cards"
+    return bundled if bundled.is_dir() else PACKAGE_DIR.parent / "cards"
+
+
+def _default_fixtures_dir() -> Path:
+    bundled = PACKAGE_DIR / "_fixtures"
+    return bundled if bundled.is_dir() else PACKAGE_DIR.parent / "fixtures"
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _origins(value: str | None) -> tuple[str, ...]:
+    return tuple(o.strip().rstrip("/") for o in (value or "").split(",") if o.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be configured with. See README.md, "Configuration"."""
+
+    dev: bool = False
+    clients_file: str | None = None
+    public_url: str | None = None
+    database_url: str = "sqlite:///" + str(Path.cwd() / "cds-service.sqlite3")
+    fhir_allowed_origins: tuple[str, ...] = ()
+    fhir_timeout: float = 0.8
+    cors_origins: tuple[str, ...] | str = "*"
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_draft_orders: int = 200
+    max_json_depth: int = 64
+    cards_dir: Path = field(default_factory=_default_cards_dir)
+    fixtures_dir: Path = field(default_factory=_default_fixtures_dir)
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        cors = env.get("CDS_CORS_ORIGINS", "*").strip()
+        return cls(
+            dev=_flag(env.get("CDS_DEV")),
+            clients_file=env.get("CDS_CLIENTS_FILE") or None,
+            public_url=(env.get("CDS_PUBLIC_URL") or "").rstrip("/") or None,
+            database_url=env.get("CDS_DATABASE_URL") or defaults.database_url,
+            fhir_allowed_origins=_origins(env.get("CDS_FHIR_ALLOWED_ORIGINS")),
+            fhir_timeout=float(env.get("CDS_FHIR_TIMEOUT") or defaults.fhir_timeout),
+            cors_origins="*" if cors in ("", "*") else _origins(cors),
+            max_body_bytes=int(env.get("CDS_MAX_BODY_BYTES") or defaults.max_body_bytes),
+            max_draft_orders=int(env.get("CDS_MAX_DRAFT_ORDERS") or defaults.max_draft_orders),
+            max_json_depth=int(env.get("CDS_MAX_JSON_DEPTH") or defaults.max_json_depth),
+            cards_dir=Path(env["CDS_CARDS_DIR"]) if env.get("CDS_CARDS_DIR") else defaults.cards_dir,
+            fixtures_dir=Path(env["CDS_FIXTURES_DIR"]) if env.get("CDS_FIXTURES_DIR") else defaults.fixtures_dir,
+            log_level=env.get("CDS_LOG_LEVEL") or defaults.log_level,
+        )
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        return replace(self, **changes)

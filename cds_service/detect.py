@@ -1,0 +1,114 @@
+"""Is this order a sacroplasty? Rules come from cards/<policy>/detection.json.
+
+Works on the raw JSON of a ServiceRequest (dicts and lists as the client sent them), so that imperfect FHIR
+never raises: anything of the wrong shape is simply not evidence.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .policy import Policy
+
+
+@dataclass(frozen=True)
+class Match:
+    """Why an order was judged a sacroplasty."""
+
+    rule: str  # "code", "text" or "vertebral-augmentation-site"
+    evidence: str  # the code (system|code) or the pattern that matched; never patient data
+    laterality: str | None = None
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """A FHIR list as sent: a list, or (from imperfect clients) a single object."""
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, dict)]
+    return []
+
+
+def _codings(concept: Any) -> list[dict[str, Any]]:
+    return [c for concept_ in _dicts(concept) for c in _dicts(concept_.get("coding"))]
+
+
+def _texts(concept: Any) -> Iterable[str]:
+    for concept_ in _dicts(concept):
+        if isinstance(concept_.get("text"), str):
+            yield concept_["text"]
+        for coding in _dicts(concept_.get("coding")):
+            if isinstance(coding.get("display"), str):
+                yield coding["display"]
+
+
+def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    patterns = list(patterns)
+    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+
+
+class Detector:
+    """Compiled detection rules of one policy. Build once; `match` is cheap and never raises."""
+
+    def __init__(self, policy: Policy) -> None:
+        data = policy.detection
+        self._aliases: dict[str, str] = dict(data.get("system_aliases", {}))
+        self._codes = {
+            (c["system"], c["code"].upper()): c.get("laterality") for c in data.get("codes", [])
+        }
+        self._text = _compile(data.get("text_patterns", []))
+        va = data.get("vertebral_augmentation", {})
+        self._va_codes = {(c["system"], c["code"].upper()) for c in va.get("codes", [])}
+        self._va_text = _compile(va.get("text_patterns", []))
+        self._sacral_text = _compile(va.get("sacral_site_patterns", []))
+        self._sacral_codes = {(c["system"], c["code"].upper()) for c in va.get("sacral_site_codes", [])}
+        self._bilateral = re.compile(r"\bbilateral\b", re.IGNORECASE)
+        # Every code and word that can start a match: lets callers skip whole requests cheaply.
+        words = [code for _, code in self._codes] + [code for _, code in self._va_codes]
+        words += ["sacr", "vertebr", "kyphopl", "augment"]
+        self.screen_words: tuple[str, ...] = tuple(w.lower() for w in words)
+
+    def _key(self, coding: dict[str, Any]) -> tuple[str, str] | None:
+        system, code = coding.get("system"), coding.get("code")
+        if not isinstance(system, str) or not isinstance(code, str):
+            return None
+        return self._aliases.get(system, system), code.strip().upper()
+
+    def might_match(self, raw: str) -> bool:
+        """Cheap screen on raw request text: False means no order in it can be a sacroplasty."""
+        lowered = raw.lower()
+        return any(word in lowered for word in self.screen_words)
+
+    def match(self, order: dict[str, Any]) -> Match | None:
+        """Judge one ServiceRequest (raw JSON). None when it is not a sacroplasty."""
+        code = order.get("code")
+        keys = [k for k in map(self._key, _codings(code)) if k]
+        for key in keys:
+            if key in self._codes:
+                return Match("code", "|".join(key), self._codes[key])
+        texts = list(_texts(code))
+        site_texts = list(_texts(order.get("bodySite")))
+        if any(key in self._va_codes for key in keys) or any(self._va_text and self._va_text.search(t) for t in texts):
+            if self._is_sacral(order, texts, site_texts):
+                va = next(("|".join(k) for k in keys if k in self._va_codes), "text")
+                return Match("vertebral-augmentation-site", va, self._laterality(texts))
+        if self._text:
+            for text in texts:
+                found = self._text.search(text)
+                if found:
+                    return Match("text", found.group(0).lower(), self._laterality(texts))
+        return None
+
+    def _is_sacral(self, order: dict[str, Any], texts: list[str], site_texts: list[str]) -> bool:
+        site_keys = {k for k in map(self._key, _codings(order.get("bodySite"))) if k}
+        if site_keys & self._sacral_codes:
+            return True
+        # The code's own display ("lumbosacral") is not a site; the clinician's text and the bodySite are.
+        code = order.get("code")
+        own_text = [code["text"]] if isinstance(code, dict) and isinstance(code.get("text"), str) else []
+        return bool(self._sacral_text) and any(self._sacral_text.search(t) for t in own_text + site_texts)
+
+    def _laterality(self, texts: list[str]) -> str | None:
+        return "bilateral" if any(self._bilateral.search(t) for t in texts) else None

@@ -1,0 +1,106 @@
+"""The hook pipeline, free of HTTP: request body → parsed hook context → decisions → cards → response JSON."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from . import crd
+from .cards import CardBuilder, IssuedCard
+from .config import Settings
+from .decide import decide, find_sacroplasty
+from .detect import Detector
+from .hooks import HookRequest, parse_hook_request
+from .patient import PREFETCH_TEMPLATES, gather
+from .policy import Policy, load_policies
+from .store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+HOOKS = ("order-select", "order-sign")
+
+
+@dataclass(frozen=True)
+class Service:
+    id: str
+    hook: str
+    title: str
+    description: str
+
+
+class Engine:
+    """Built once per process: policy data loaded, rules compiled, card templates ready."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        policies = load_policies(settings.cards_dir)
+        self.policy: Policy = policies[0]
+        self.detector = Detector(self.policy)
+        self.cards = CardBuilder(self.policy)
+        self.store = store
+        self.services = {
+            s["id"]: Service(s["id"], hook, s["title"], s["description"])
+            for hook, s in self.policy.services.items() if hook in HOOKS
+        }
+        self._discovery = {"services": [self._describe(s) for s in self.services.values()]}
+
+    def _describe(self, service: Service) -> dict[str, Any]:
+        return {
+            "hook": service.hook,
+            "id": service.id,
+            "title": service.title,
+            "description": service.description,
+            "prefetch": dict(PREFETCH_TEMPLATES),
+            "extension": crd.discovery_extension(self.policy),
+        }
+
+    def discovery(self) -> dict[str, Any]:
+        return self._discovery
+
+    def parse(self, service: Service, body: Any) -> HookRequest:
+        return parse_hook_request(body, service.hook, self.settings.max_draft_orders)
+
+    def evaluate(self, service: Service, body: Any, raw: str | None = None,
+                 now: datetime | None = None) -> dict[str, Any]:
+        """The response to one hook call. Raises ApiError for an invalid request."""
+        hook_request = self.parse(service, body)
+        kinds = crd.requested_kinds(hook_request.extension, self.policy)
+        if raw is not None and not self.detector.might_match(raw):
+            return {"cards": []}
+        findings = find_sacroplasty(hook_request, self.detector)
+        if not findings:
+            return {"cards": []}
+        now = now or datetime.now(timezone.utc)
+        ctx = gather(hook_request)
+        decisions = decide(findings, ctx, self.policy, now.date())
+        issued = [self.cards.build(d, hook_request, now) for d in decisions] if kinds.alternatives else []
+        actions = crd.coverage_actions(decisions, self.policy, now.date()) if kinds.coverage_info else []
+        self._record(service, hook_request, issued, now)
+        response: dict[str, Any] = {"cards": [i.card for i in issued]}
+        if actions:
+            response["systemActions"] = actions
+        return response
+
+    def _record(self, service: Service, hook_request: HookRequest, issued: list[IssuedCard], now: datetime) -> None:
+        """Keep what the payer's report needs; a database failure never costs the clinician the card."""
+        if not self.store or not issued:
+            return
+        rows = [{
+            "card_uuid": i.card["uuid"],
+            "service_id": service.id,
+            "hook": hook_request.hook,
+            "hook_instance": hook_request.hook_instance,
+            "issued_at": now,
+            "policy_id": self.policy.id,
+            "policy_version": self.policy.version,
+            "rule": i.decision.match.rule,
+            "evidence": i.decision.match.evidence,
+            "suggestions": i.suggestions,
+        } for i in issued]
+        try:
+            self.store.record_cards(rows)
+        except StoreUnavailable as exc:
+            log.error("could not record %d card(s) for hookInstance=%s: database unavailable (%s)",
+                      len(rows), hook_request.hook_instance, exc)

@@ -1,0 +1,125 @@
+"""The payer policy as data: loads one policy folder of cards/ once and keeps it immutable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from string import Template
+from typing import Any
+
+POLICY_FILES = ("policy.json", "detection.json", "alternatives.json", "conditions.json", "detail.md")
+
+
+class PolicyError(Exception):
+    """The cards/ data is missing or malformed: the service must not start with it."""
+
+
+@dataclass(frozen=True)
+class Alternative:
+    id: str
+    label: str
+    policy_text: str
+    text: str
+    codings: tuple[dict[str, str], ...]
+    conditional: str | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    id: str
+    number: str
+    title: str
+    version: str
+    revision_date: str
+    effective_date: str
+    ruling: str
+    payer: dict[str, Any]
+    source: dict[str, Any]
+    card: dict[str, Any]
+    messages: dict[str, str]
+    services: dict[str, dict[str, str]]
+    crd: dict[str, Any]
+    override_reasons: tuple[dict[str, str], ...]
+    detection: dict[str, Any]
+    conditions: dict[str, Any]
+    alternatives: tuple[Alternative, ...]
+    advice: tuple[str, ...]
+    detail_template: Template
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What travels on every card so the payer can tell which policy version fired."""
+        return {
+            "id": self.id,
+            "number": self.number,
+            "payer": self.payer["name"],
+            "version": self.version,
+            "effectiveDate": self.effective_date,
+        }
+
+    def alternative(self, alternative_id: str) -> Alternative | None:
+        return next((a for a in self.alternatives if a.id == alternative_id), None)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PolicyError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_policy(folder: Path) -> Policy:
+    """Read one policy folder (policy.json, detection.json, alternatives.json, conditions.json, detail.md)."""
+    missing = [name for name in POLICY_FILES if not (folder / name).is_file()]
+    if missing:
+        raise PolicyError(f"{folder}: missing {', '.join(missing)}")
+    meta = _read_json(folder / "policy.json")
+    alternatives = _read_json(folder / "alternatives.json")
+    try:
+        return Policy(
+            id=meta["id"],
+            number=meta["number"],
+            title=meta["title"],
+            version=meta["version"],
+            revision_date=meta["revision_date"],
+            effective_date=meta["effective_date"],
+            ruling=meta["ruling"],
+            payer=meta["payer"],
+            source=meta["source"],
+            card=meta["card"],
+            messages=meta["messages"],
+            services=meta["services"],
+            crd=meta["crd"],
+            override_reasons=tuple(meta["override_reasons"]),
+            detection=_read_json(folder / "detection.json"),
+            conditions=_read_json(folder / "conditions.json"),
+            alternatives=tuple(
+                Alternative(
+                    id=a["id"],
+                    label=a["label"],
+                    policy_text=a["policy_text"],
+                    text=a["text"],
+                    codings=tuple(a["codings"]),
+                    conditional=a.get("conditional"),
+                )
+                for a in alternatives["orderable"]
+            ),
+            advice=tuple(a["policy_text"] for a in alternatives["advice"]),
+            detail_template=Template((folder / "detail.md").read_text(encoding="utf-8")),
+        )
+    except (KeyError, TypeError) as exc:
+        raise PolicyError(f"{folder}: malformed policy data ({exc!r})") from exc
+
+
+@lru_cache(maxsize=8)
+def load_policies(cards_dir: Path) -> tuple[Policy, ...]:
+    """Every policy folder under cards/ (each holds a policy.json), loaded once per process."""
+    folders = sorted(p.parent for p in Path(cards_dir).glob("*/policy.json"))
+    if not folders:
+        raise PolicyError(f"no policy found under {cards_dir}")
+    return tuple(load_policy(folder) for folder in folders)

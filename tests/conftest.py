@@ -1,0 +1,95 @@
+"""Shared test fixtures: an app on a fresh SQLite file, its client, fixture loading, a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+from cds_service import create_app
+from cds_service.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(dev=True, database_url=f"sqlite:///{tmp_path / 'cds.sqlite3'}")
+
+
+@pytest.fixture
+def app(settings: Settings):
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    """`cds-service serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], args: list[str], workers: int = 2) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "cds_service.cli", "serve", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--workers", str(workers), *args]
+        self.log_path = Path(env.get("CDS_TEST_LOG", os.devnull))
+        self._log = open(self.log_path, "ab") if env.get("CDS_TEST_LOG") else subprocess.DEVNULL
+        self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}")
+            try:
+                requests.get(self.url + "/cds-services", timeout=1)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not start within 30 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Any]:
+    """Factory: start_server(env=..., args=[...], workers=2) → RunningServer; all stopped at teardown."""
+    servers: list[RunningServer] = []
+
+    def start(env: dict[str, str] | None = None, args: list[str] | None = None, workers: int = 2) -> RunningServer:
+        full_env = {"CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'server.sqlite3'}", **(env or {})}
+        server = RunningServer(full_env, args if args is not None else ["--dev"], workers)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
