@@ -1,0 +1,230 @@
+"""The HTTP API end to end (Flask test client): discovery, every fixture, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from conftest import load_fixture
+
+# fixture → the draft orders that must get a card (in order); every other fixture order gets none
+EXPECTED = {
+    "sandbox-pama-order-select-sacroplasty.json": ["ServiceRequest/example-request-id"],
+    "sandbox-pama-order-select-ct.json": [],
+    "sandbox-pama-order-select-empty-code.json": [],
+    "order-select-sacroplasty-cpt.json": ["ServiceRequest/sr-sacro-1"],
+    "order-select-sacroplasty-text.json": ["ServiceRequest/sr-sacro-text"],
+    "order-select-sacroplasty-bilateral.json": ["ServiceRequest/sr-sacro-bi"],
+    "order-select-vertebroplasty-lumbar.json": [],
+    "order-select-vertebroplasty-sacral.json": ["ServiceRequest/sr-vp-s1"],
+    "order-select-kyphoplasty-sacrum-text.json": ["ServiceRequest/sr-kp-sac"],
+    "order-sign-mixed.json": ["ServiceRequest/sr-sacro-2"],
+    "order-select-mixed-selects-ct.json": [],
+    "order-select-mixed-selects-sacroplasty.json": ["ServiceRequest/sr-sacro-2"],
+    "bench-order-select-5-orders-no-sacroplasty.json": [],
+    "bench-order-sign-25-orders-one-sacroplasty.json": ["ServiceRequest/sr-25-sacro"],
+}
+SERVICE = {"order-select": "sacroplasty-order-select", "order-sign": "sacroplasty-order-sign"}
+
+
+def post(client, body, service_id=None, **kwargs):
+    service_id = service_id or SERVICE[body["hook"]]
+    return client.post(f"/cds-services/{service_id}", json=body, **kwargs)
+
+
+def flagged_orders(response_json) -> list[str]:
+    """The draft order each card is about, read from its suggestions' delete actions."""
+    refs = []
+    for card in response_json["cards"]:
+        deletes = {a["resourceId"] for s in card["suggestions"] for a in s["actions"] if a["type"] == "delete"}
+        assert len(deletes) == 1
+        refs.append(deletes.pop())
+    return refs
+
+
+def test_discovery_lists_both_hooks(client) -> None:
+    response = client.get("/cds-services")
+    assert response.status_code == 200
+    services = {s["hook"]: s for s in response.get_json()["services"]}
+    assert set(services) == {"order-select", "order-sign"}
+    for hook, service in services.items():
+        assert service["id"] == SERVICE[hook]
+        assert service["title"] and service["description"]
+        assert set(service["prefetch"]) == {"patient", "coverage", "conditions"}
+        assert all("{{context.patientId}}" in t for t in service["prefetch"].values())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_fixture_end_to_end(client, name: str) -> None:
+    response = post(client, load_fixture(name))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert flagged_orders(body) == EXPECTED[name]
+    if not EXPECTED[name]:
+        assert body == {"cards": []}
+
+
+def test_every_fixture_has_an_expectation() -> None:
+    from conftest import FIXTURES
+
+    assert {p.name for p in FIXTURES.glob("*.json") if not p.name.startswith("patient-")} <= set(EXPECTED)
+
+
+def test_order_select_judges_only_selected_orders(client) -> None:
+    body = load_fixture("order-select-mixed-selects-ct.json")
+    assert post(client, body).get_json() == {"cards": []}
+    body["context"]["selections"].append("ServiceRequest/sr-sacro-2")
+    assert flagged_orders(post(client, body).get_json()) == ["ServiceRequest/sr-sacro-2"]
+
+
+@pytest.mark.parametrize("status,judged", [("draft", True), ("active", True), ("revoked", False),
+                                           ("completed", False), ("on-hold", False), ("entered-in-error", False)])
+def test_order_status(client, status: str, judged: bool) -> None:
+    body = load_fixture("order-select-sacroplasty-cpt.json")
+    body["context"]["draftOrders"]["entry"][0]["resource"]["status"] = status
+    assert len(post(client, body).get_json()["cards"]) == (1 if judged else 0)
+
+
+def test_non_servicerequest_orders_ignored(client) -> None:
+    body = load_fixture("order-select-sacroplasty-cpt.json")
+    resource = body["context"]["draftOrders"]["entry"][0]["resource"]
+    resource["resourceType"] = "MedicationRequest"
+    body["context"]["selections"] = ["MedicationRequest/sr-sacro-1"]
+    assert post(client, body).get_json() == {"cards": []}
+
+
+def test_imperfect_sandbox_fhir_is_read(client) -> None:
+    """No Bundle.type, intent plan, reasonCode as one object, no requester/authoredOn: still a card."""
+    body = load_fixture("sandbox-pama-order-select-sacroplasty.json")
+    resource = body["context"]["draftOrders"]["entry"][0]["resource"]
+    resource["reasonCode"] = resource["reasonCode"][0]
+    card = post(client, body).get_json()["cards"][0]
+    created = [a["resource"] for s in card["suggestions"] for a in s["actions"] if a["type"] == "create"]
+    assert all(r["reasonCode"] == [resource["reasonCode"]] for r in created)
+    assert all(r["requester"] == {"reference": "Practitioner/COREPRACTITIONER1"} for r in created)
+    assert all(r["intent"] == "plan" for r in created)
+
+
+def test_unknown_fields_are_ignored(client) -> None:
+    body = load_fixture("order-select-sacroplasty-cpt.json")
+    plain = post(client, copy.deepcopy(body)).get_json()
+    body["somethingNew"] = {"x": 1}
+    body["context"]["futureField"] = [1, 2]
+    body["prefetch"]["unknownKey"] = {"resourceType": "Basic"}
+    body["extension"] = {"org.example.flag": True}
+    body["fhirAuthorization"]["extra"] = "x"
+    extended = post(client, body).get_json()
+    assert len(extended["cards"]) == len(plain["cards"]) == 1
+    assert extended["cards"][0]["summary"] == plain["cards"][0]["summary"]
+
+
+def _without(body: dict, path: str) -> dict:
+    body = copy.deepcopy(body)
+    *parents, last = path.split(".")
+    target = body
+    for key in parents:
+        target = target[key]
+    del target[last]
+    return body
+
+
+BASE = "order-select-sacroplasty-cpt.json"
+
+
+def _bad_cases():
+    body = load_fixture(BASE)
+    yield "missing-hook", _without(body, "hook"), "hook"
+    yield "missing-hookInstance", _without(body, "hookInstance"), "hookInstance"
+    yield "missing-context", _without(body, "context"), "context"
+    yield "missing-userId", _without(body, "context.userId"), "context.userId"
+    yield "missing-patientId", _without(body, "context.patientId"), "context.patientId"
+    yield "missing-draftOrders", _without(body, "context.draftOrders"), "context.draftOrders"
+    yield "missing-selections", _without(body, "context.selections"), "context.selections"
+    wrong_hook = copy.deepcopy(body)
+    wrong_hook["hook"] = "order-sign"
+    yield "wrong-hook", wrong_hook, "hook"
+    not_bundle = copy.deepcopy(body)
+    not_bundle["context"]["draftOrders"] = {"resourceType": "ServiceRequest", "id": "x"}
+    yield "draftOrders-not-bundle", not_bundle, "context.draftOrders"
+    list_orders = copy.deepcopy(body)
+    list_orders["context"]["draftOrders"] = [list_orders["context"]["draftOrders"]]
+    yield "draftOrders-list", list_orders, "context.draftOrders"
+    dangling = copy.deepcopy(body)
+    dangling["context"]["selections"] = ["ServiceRequest/does-not-exist"]
+    yield "selections-point-at-nothing", dangling, "context.selections"
+    selections_string = copy.deepcopy(body)
+    selections_string["context"]["selections"] = "ServiceRequest/sr-sacro-1"
+    yield "selections-not-a-list", selections_string, "context.selections"
+    user_number = copy.deepcopy(body)
+    user_number["context"]["userId"] = 42
+    yield "userId-not-string", user_number, "context.userId"
+    entry_not_list = copy.deepcopy(body)
+    entry_not_list["context"]["draftOrders"]["entry"] = {"resource": {}}
+    yield "entry-not-a-list", entry_not_list, "context.draftOrders.entry"
+
+
+@pytest.mark.parametrize("name,body,field", list(_bad_cases()), ids=[c[0] for c in _bad_cases()])
+def test_invalid_request_is_400_naming_the_problem(client, name: str, body: dict, field: str) -> None:
+    response = post(client, body, service_id="sacroplasty-order-select")
+    assert response.status_code == 400
+    error = response.get_json()
+    assert error["error"] == "invalid_request"
+    assert error["field"] == field
+    assert error["message"]
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"", b"\xff\xfe", b"[]", b"[1, 2]", b"\"text\"", b"null", b"42"])
+def test_body_that_is_not_a_json_object(client, data: bytes) -> None:
+    response = client.post("/cds-services/sacroplasty-order-select", data=data, content_type="application/json")
+    assert response.status_code == 400
+    assert response.is_json and response.get_json()["message"]
+
+
+def test_unknown_service_is_404_json(client) -> None:
+    response = post(client, load_fixture(BASE), service_id="no-such-service")
+    assert response.status_code == 404
+    assert response.get_json()["error"] == "unknown_service"
+    assert client.post("/cds-services/no-such-service/feedback", json={"feedback": []}).status_code == 404
+
+
+def test_unknown_path_and_method_are_json(client) -> None:
+    assert client.get("/nowhere").get_json()["error"] == "not_found"
+    response = client.delete("/cds-services")
+    assert response.status_code == 405 and response.is_json
+
+
+def test_wrong_content_type_is_415(client) -> None:
+    response = client.post("/cds-services/sacroplasty-order-select", data=json.dumps(load_fixture(BASE)),
+                           content_type="text/plain")
+    assert response.status_code == 415 and response.is_json
+
+
+def test_body_over_cap_is_413(tmp_path) -> None:
+    from cds_service import create_app
+    from cds_service.config import Settings
+
+    app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}", max_body_bytes=1000))
+    response = app.test_client().post("/cds-services/sacroplasty-order-select", json=load_fixture(BASE))
+    assert response.status_code == 413 and response.is_json
+
+
+def test_too_many_draft_orders_is_413(tmp_path) -> None:
+    from cds_service import create_app
+    from cds_service.config import Settings
+
+    app = create_app(Settings(dev=True, database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}", max_draft_orders=3))
+    response = app.test_client().post("/cds-services/sacroplasty-order-sign",
+                                      json=load_fixture("order-sign-mixed.json"))
+    assert response.status_code == 413
+    assert response.get_json()["field"] == "context.draftOrders.entry"
+
+
+def test_deeply_nested_json_is_400(client) -> None:
+    body = load_fixture(BASE)
+    body["context"]["deep"] = json.loads("[" * 200 + "]" * 200)
+    assert post(client, body).status_code == 400
+    response = client.post("/cds-services/sacroplasty-order-select", data=b"[" * 100000,
+                           content_type="application/json")
+    assert response.status_code == 400
