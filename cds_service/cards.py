@@ -5,6 +5,7 @@ Everything a card says comes from the policy data in cards/; this module only as
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,7 +65,9 @@ class CardBuilder:
         order = decision.order
         offered = [a for a in policy.alternatives if a.conditional != "chiropractic" or decision.chiropractic.offer]
         suggestions, suggestion_ids = [], {}
-        if with_suggestions:
+        # CRD Propose Alternate Request: each suggestion deletes the draft and creates the alternative, so
+        # without an id to delete there are no suggestions (the card still lists the alternatives).
+        if with_suggestions and _order_reference(order):
             base = self.replacement_base(order, hook_request, now)
             for alternative in offered:
                 suggestion = self._suggestion(alternative, decision, base)
@@ -92,6 +95,7 @@ class CardBuilder:
         notes = [messages[key] for key in (decision.plan.note, decision.chiropractic.note) if key]
         alternatives = "\n".join(f"- {a.policy_text}" for a in self.policy.alternatives)
         return self.policy.detail_template.safe_substitute(
+            order=_markdown_text(_order_name(decision.order)),
             number=self.policy.number,
             revision_date=self.policy.revision_date,
             url=self.policy.source["url"],
@@ -173,6 +177,11 @@ class CardBuilder:
 def _order_reference(order: dict[str, Any]) -> str | None:
     rid = order.get("id")
     return f"ServiceRequest/{rid}" if isinstance(rid, str) and rid else None
+
+
+def _markdown_text(text: str) -> str:
+    """EHR text shown literally inside the card's Markdown detail (one line, no markup of its own)."""
+    return re.sub(r"([\\`*_{}\[\]()<>#+!|~-])", r"\\\1", " ".join(text.split()))
 
 
 def _order_name(order: dict[str, Any]) -> str:

@@ -1,23 +1,39 @@
 """Da Vinci CRD (Coverage Requirements Discovery) pieces: discovery options, request configuration,
-and the coverage-information systemAction that records "not covered" on the order itself."""
+and the coverage-information systemAction that records "not covered" on the order itself.
+
+Coverage information travels only as a systemAction (CRD resp-25: never as a card). It is asserted only
+for the orders our policy rules on; an order gets it only when the patient's Coverage with the plan is
+known, because the extension's `coverage` sub-extension is required.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date
 from typing import Any
 
+from fhir.resources.R4B.servicerequest import ServiceRequest
+
 from .decide import Decision
 from .errors import bad_request
-from .policy import Policy
+from .policy import Policy, PolicyError
+
+log = logging.getLogger(__name__)
 
 COVERAGE_INFORMATION = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information"
 CONFIGURATION = "davinci-crd.configuration"
 CONFIGURATION_OPTIONS = "davinci-crd.configuration-options"
 VERSION = "davinci-crd.version"
 REQUESTED_VERSION = "davinci-crd.requestedVersion"
+
+# Sub-extensions that change with every assertion without saying anything new about coverage.
+_PER_ASSERTION = ("date", "coverage-assertion-id")
+# Keys of a configuration option that are published in discovery (the rest is internal).
+_OPTION_KEYS = ("code", "type", "name", "description", "default")
 
 
 @dataclass(frozen=True)
@@ -28,25 +44,54 @@ class ResponseKinds:
     coverage_info: bool = True
 
 
+_KINDS = {f.name for f in fields(ResponseKinds)}
+
+
+def _kind(option: dict[str, Any]) -> str:
+    """The ResponseKinds field an option switches (policy.json `response`, e.g. "coverage-info")."""
+    kind = str(option.get("response", "")).replace("-", "_")
+    if kind not in _KINDS:
+        raise PolicyError(f"crd option {option.get('code')!r}: unknown response kind {option.get('response')!r}")
+    return kind
+
+
 def discovery_extension(policy: Policy) -> dict[str, Any]:
-    options = [{k: v for k, v in option.items() if k != "response"} for option in policy.crd["options"]]
+    """`davinci-crd.version` and `davinci-crd.configuration-options` for a service's discovery entry."""
+    options = []
+    for option in policy.crd["options"]:
+        _kind(option)  # a policy whose option switches nothing must not start
+        missing = [key for key in _OPTION_KEYS if key not in option]
+        if missing:  # CRD dev-4: code, type, name, description and a default, always
+            raise PolicyError(f"crd option {option.get('code')!r}: missing {', '.join(missing)}")
+        options.append({key: option[key] for key in _OPTION_KEYS})
     return {VERSION: list(policy.crd["versions"]), CONFIGURATION_OPTIONS: options}
 
 
+def _major_minor(version: str) -> str:
+    """CRD versions are compared on their first two parts: "2.2.1" asks for "2.2"."""
+    return ".".join(version.strip().split(".")[:2])
+
+
 def requested_kinds(extension: dict[str, Any], policy: Policy) -> ResponseKinds:
-    """Read the request's `davinci-crd.configuration`. Unknown options and non-boolean values are ignored."""
+    """Read the request's `davinci-crd.requestedVersion` and `davinci-crd.configuration`.
+
+    An unsupported requested version is an error (the IG: the server SHALL return an error). Unknown
+    configuration options, and values that are not of the option's type, are ignored (CRD dev-17).
+    """
     requested = extension.get(REQUESTED_VERSION)
-    if requested is not None and requested not in policy.crd["versions"]:
-        raise bad_request(
-            f"davinci-crd.requestedVersion {requested!r} is not supported; supported: "
-            + ", ".join(policy.crd["versions"]), f"extension.{REQUESTED_VERSION}")
+    if requested is not None:
+        if not isinstance(requested, str) or _major_minor(requested) not in policy.crd["versions"]:
+            shown = repr(requested) if isinstance(requested, str) and len(requested) <= 20 else "of this form"
+            raise bad_request(
+                f"davinci-crd.requestedVersion {shown} is not supported; supported: "
+                + ", ".join(policy.crd["versions"]), f"extension.{REQUESTED_VERSION}")
     config = extension.get(CONFIGURATION)
     kinds: dict[str, bool] = {}
     if isinstance(config, dict):
         for option in policy.crd["options"]:
             value = config.get(option["code"])
             if isinstance(value, bool):
-                kinds[option["response"].replace("-", "_")] = value
+                kinds[_kind(option)] = value
     return ResponseKinds(**kinds)
 
 
@@ -56,46 +101,90 @@ def _coverage_reference(coverage: dict[str, Any] | None) -> str | None:
     return None
 
 
-def coverage_actions(decisions: list[Decision], policy: Policy, today: date) -> list[dict[str, Any]]:
-    """One `update` systemAction per decision whose patient Coverage with the plan is known.
+def _sub_extensions(extension: Any) -> list[dict[str, Any]]:
+    subs = extension.get("extension") if isinstance(extension, dict) else None
+    return [s for s in subs if isinstance(s, dict)] if isinstance(subs, list) else []
 
-    The updated resource is the draft order unchanged except for the coverage-information extension;
-    every order asserted against the same Coverage in one response shares one coverage-assertion-id.
+
+def _refers_to(extension: Any, reference: str) -> bool:
+    """Is this a coverage-information extension about the Coverage `reference` (relative or absolute)?"""
+    if not isinstance(extension, dict) or extension.get("url") != COVERAGE_INFORMATION:
+        return False
+    for sub in _sub_extensions(extension):
+        value = sub.get("valueReference")
+        if sub.get("url") == "coverage" and isinstance(value, dict) and isinstance(value.get("reference"), str):
+            return value["reference"] == reference or value["reference"].endswith("/" + reference)
+    return False
+
+
+def _assertion(extension: Any) -> list[str]:
+    """What an assertion says, without its date and id: two equal ones carry the same information."""
+    return sorted(json.dumps(sub, sort_keys=True) for sub in _sub_extensions(extension)
+                  if sub.get("url") not in _PER_ASSERTION)
+
+
+def coverage_information(reference: str, policy: Policy, assertion_id: str, today: date) -> dict[str, Any]:
+    """The ext-coverage-information saying the order is not covered under the policy.
+
+    No `pa-needed` (invariant crd-ci-q2: not with not-covered); `reason` has text (crd-ci-q7).
+    """
+    return {
+        "url": COVERAGE_INFORMATION,
+        "extension": [
+            {"url": "coverage", "valueReference": {"reference": reference}},
+            {"url": "covered", "valueCode": "not-covered"},
+            {"url": "reason", "valueCodeableConcept": {"text": policy.crd["coverage_reason"]}},
+            {"url": "date", "valueDate": today.isoformat()},
+            {"url": "coverage-assertion-id", "valueString": assertion_id},
+        ],
+    }
+
+
+def _valid_r4(resource: dict[str, Any]) -> bool:
+    try:
+        ServiceRequest.model_validate(resource)
+    # fhir.resources raises KeyError for a contained resource of unknown type, so more than ValidationError.
+    except (ValueError, KeyError, TypeError) as exc:  # only a count is logged: details can quote patient data
+        errors = exc.error_count() if hasattr(exc, "error_count") else 1  # pydantic's ValidationError
+        log.warning("coverage-information update left out: the draft order is not valid FHIR R4 (%d error(s))",
+                    errors)
+        return False
+    return True
+
+
+def coverage_actions(decisions: list[Decision], policy: Policy, today: date) -> list[dict[str, Any]]:
+    """One `update` systemAction per decision whose order has an id and whose Coverage with the plan is known.
+
+    The updated resource is the draft order unchanged except for its coverage-information extensions
+    (CRD resp-37): ours replaces any earlier one about the same Coverage, others are kept. Every order
+    asserted against the same Coverage in one response shares one coverage-assertion-id (resp-32/33).
+    No action when the draft already carries the same assertion (resp-35: nothing new), or when the
+    result would not be valid FHIR R4 (resp-47; we may not repair the client's other elements).
     """
     assertion_ids: dict[str, str] = {}
     actions = []
     for decision in decisions:
+        order = decision.order
         reference = _coverage_reference(decision.plan.coverage)
-        if not reference or not isinstance(decision.order.get("id"), str):
+        if not reference or not isinstance(order.get("id"), str) or not order["id"]:
             continue
         assertion_id = assertion_ids.setdefault(reference, str(uuid.uuid4()))
-        coverage_information = {
-            "url": COVERAGE_INFORMATION,
-            "extension": [
-                {"url": "coverage", "valueReference": {"reference": reference}},
-                {"url": "covered", "valueCode": "not-covered"},
-                {"url": "reason", "valueCodeableConcept": {"text": policy.crd["coverage_reason"]}},
-                {"url": "date", "valueDate": today.isoformat()},
-                {"url": "coverage-assertion-id", "valueString": assertion_id},
-            ],
-        }
-        resource = copy.deepcopy(decision.order)
-        kept = [
-            e for e in resource.get("extension", []) if isinstance(resource.get("extension"), list)
-            and not (isinstance(e, dict) and e.get("url") == COVERAGE_INFORMATION and _covers(e, reference))
-        ]
-        resource["extension"] = kept + [coverage_information]
+        ours = coverage_information(reference, policy, assertion_id, today)
+        existing = order.get("extension", [])
+        existing = [] if existing is None else existing
+        if not isinstance(existing, list):
+            log.warning("coverage-information update left out: the draft order's extension is not a list")
+            continue
+        earlier = [e for e in existing if _refers_to(e, reference)]
+        if earlier and all(_assertion(e) == _assertion(ours) for e in earlier):
+            continue
+        resource = copy.deepcopy(order)
+        resource["extension"] = [copy.deepcopy(e) for e in existing if not _refers_to(e, reference)] + [ours]
+        if not _valid_r4(resource):
+            continue
         actions.append({
             "type": "update",
             "description": policy.crd["coverage_action_description"],
             "resource": resource,
         })
     return actions
-
-
-def _covers(extension: dict[str, Any], reference: str) -> bool:
-    return any(
-        isinstance(sub, dict) and sub.get("url") == "coverage"
-        and isinstance(sub.get("valueReference"), dict) and sub["valueReference"].get("reference") == reference
-        for sub in extension.get("extension", []) if isinstance(extension.get("extension"), list)
-    )

@@ -47,7 +47,7 @@ def _reference(resource: dict[str, Any]) -> str | None:
 
 def _judged(resource: dict[str, Any]) -> bool:
     status = resource.get("status", "draft")  # a draft order without status is still a draft
-    return resource.get("resourceType") == "ServiceRequest" and status in JUDGED_STATUSES
+    return resource.get("resourceType") == "ServiceRequest" and isinstance(status, str) and status in JUDGED_STATUSES
 
 
 def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookRequest:
