@@ -12,6 +12,7 @@ from .cards import CardBuilder, IssuedCard
 from .config import Settings
 from .decide import decide, find_sacroplasty
 from .detect import Detector
+from .fhir import FhirClient
 from .hooks import HookRequest, parse_hook_request
 from .patient import PREFETCH_TEMPLATES, gather
 from .policy import Policy, load_policies
@@ -40,6 +41,7 @@ class Engine:
         self.detector = Detector(self.policy)
         self.cards = CardBuilder(self.policy)
         self.store = store
+        self.fhir = FhirClient.from_settings(settings)  # no connection until a sacroplasty call needs one
         self.services = {
             s["id"]: Service(s["id"], hook, s["title"], s["description"])
             for hook, s in self.policy.services.items() if hook in HOOKS
@@ -73,7 +75,7 @@ class Engine:
         if not findings:
             return {"cards": []}
         now = now or datetime.now(timezone.utc)
-        ctx = gather(hook_request)
+        ctx = gather(hook_request, self.fhir)
         decisions = decide(findings, ctx, self.policy, now.date())
         issued = [self.cards.build(d, hook_request, now) for d in decisions] if kinds.alternatives else []
         actions = crd.coverage_actions(decisions, self.policy, now.date()) if kinds.coverage_info else []

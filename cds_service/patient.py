@@ -1,18 +1,42 @@
-"""What the decision knows about the patient: prefetch first, then (issue #4) the EHR's FHIR server."""
+"""What the decision knows about the patient: the client's prefetch first, then the EHR's FHIR server.
+
+CDS Hooks 2.0 prefetch semantics, key by key:
+- key present with data → used as is (a searchset Bundle, or a lone resource);
+- key present with null → the client has no such data: known to be none, never re-fetched;
+- key present with an OperationOutcome (or a Bundle carrying an error-level one) → the client could not get
+  it: unavailable, not re-fetched (the spec's reason for sending OperationOutcomes);
+- key absent, or present with something that is not FHIR of the expected type → fetched from `fhirServer`
+  when the operator allows that origin (see fhir.py); otherwise unknown (or unavailable, if the client sent
+  garbage).
+The service never answers 412: nothing here is *required* — the card is right without patient data, and
+says what it could not check.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
+from .fhir import FhirClient
 from .hooks import HookRequest
 
+log = logging.getLogger(__name__)
+
 # CDS Hooks prefetch templates declared in discovery; the keys are the names used everywhere below.
+# clinical-status: recurrence and relapse are active too (HL7 condition-clinical), so all three are asked for.
 PREFETCH_TEMPLATES: dict[str, str] = {
     "patient": "Patient/{{context.patientId}}",
     "coverage": "Coverage?patient={{context.patientId}}&status=active",
-    "conditions": "Condition?patient={{context.patientId}}&clinical-status=active",
+    "conditions": "Condition?patient={{context.patientId}}&clinical-status=active,recurrence,relapse",
 }
+# Keys the decision reads, so the only ones worth a call to the FHIR server (the Patient is not needed).
+FETCHED_KEYS = ("coverage", "conditions")
+FETCH_PAGE_SIZE = 100  # `_count` added to searches the service runs itself, to stay within few pages
+RESOURCE_TYPES = {"patient": "Patient", "coverage": "Coverage", "conditions": "Condition"}
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -22,33 +46,120 @@ class PatientContext:
     patient: dict[str, Any] | None = None
     coverages: list[dict[str, Any]] | None = None
     conditions: list[dict[str, Any]] | None = None
-    unavailable: frozenset[str] = field(default_factory=frozenset)  # keys whose fetch failed
+    unavailable: frozenset[str] = field(default_factory=frozenset)  # keys that could not be had
+    # Organizations that came with the coverage data (search includes), by "Organization/id" and fullUrl.
+    organizations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _resources(value: Any, resource_type: str) -> list[dict[str, Any]]:
-    """Resources of one type from a prefetched Bundle, or a lone resource."""
+    """Resources of one type from a Bundle, or a lone resource."""
     if not isinstance(value, dict):
         return []
     if value.get("resourceType") == resource_type:
         return [value]
     entries = value.get("entry") if value.get("resourceType") == "Bundle" else None
     return [
-        e["resource"] for e in entries or [] if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)
         and e["resource"].get("resourceType") == resource_type
-    ]
+    ] if isinstance(entries, list) else []
+
+
+def _organizations(value: Any) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    entries = value.get("entry") if isinstance(value, dict) and value.get("resourceType") == "Bundle" else None
+    for entry in entries if isinstance(entries, list) else []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or resource.get("resourceType") != "Organization":
+            continue
+        if isinstance(resource.get("id"), str):
+            found[f"Organization/{resource['id']}"] = resource
+        if isinstance(entry.get("fullUrl"), str):
+            found[entry["fullUrl"]] = resource
+    return found
+
+
+def _has_error(value: dict[str, Any]) -> bool:
+    """An OperationOutcome in place of the data, or an error-level one inside the Bundle."""
+    kind = value.get("resourceType")
+    if kind == "OperationOutcome":
+        return True
+    if kind != "Bundle":
+        return False
+    for outcome in _resources(value, "OperationOutcome"):
+        issues = outcome.get("issue")
+        if any(isinstance(i, dict) and i.get("severity") in ("error", "fatal")
+               for i in (issues if isinstance(issues, list) else [])):
+            return True
+    return False
+
+
+def _prefetch_state(key: str, value: Any) -> str:
+    """'ok' (data or null), 'error' (client reported it could not get it) or 'invalid'."""
+    if value is None:
+        return "ok"
+    if not isinstance(value, dict):
+        return "invalid"
+    if _has_error(value):
+        return "error"
+    kind = value.get("resourceType")
+    if kind == RESOURCE_TYPES[key] or (kind == "Bundle" and key != "patient"):
+        return "ok"
+    return "invalid"
+
+
+def fallback_query(key: str, patient_id: str) -> str:
+    """The prefetch template of `key` for this patient, as the service runs it against fhirServer."""
+    query = PREFETCH_TEMPLATES[key].replace("{{context.patientId}}", quote(patient_id, safe=""))
+    return f"{query}&_count={FETCH_PAGE_SIZE}" if "?" in query else query
+
+
+def gather(hook_request: HookRequest, fhir: FhirClient | None = None) -> PatientContext:
+    """The patient context for one hook call: prefetch, then fhirServer for what is missing (see module doc)."""
+    prefetch = hook_request.prefetch or {}
+    hook = repr(hook_request.hook_instance[:80])
+    values: dict[str, Any] = {}
+    unavailable: set[str] = set()
+    invalid: set[str] = set()
+    for key in PREFETCH_TEMPLATES:
+        if key not in prefetch:
+            continue
+        state = _prefetch_state(key, prefetch[key])
+        if state == "ok":
+            values[key] = prefetch[key]
+        elif state == "error":
+            unavailable.add(key)
+            log.warning("hookInstance=%s: the client reported an error for prefetch %s; deciding without it",
+                        hook, key)
+        else:
+            invalid.add(key)
+            log.warning("hookInstance=%s: prefetch %s is not FHIR %s data; treated as not sent",
+                        hook, key, RESOURCE_TYPES[key])
+    missing = [k for k in FETCHED_KEYS if k not in values and k not in unavailable]
+    if missing and fhir is not None:
+        if FHIR_ID.fullmatch(hook_request.patient_id):
+            queries = {k: fallback_query(k, hook_request.patient_id) for k in missing}
+            outcome = fhir.fetch(hook_request.fhir_server, hook_request.fhir_authorization, queries,
+                                 hook_request.hook_instance)
+            values.update(outcome.values)
+            unavailable |= outcome.failed
+        else:
+            log.warning("hookInstance=%s: context.patientId is not a FHIR id; nothing fetched", hook)
+            unavailable |= set(missing)
+    unavailable |= {k for k in invalid if k not in values}
+    return _context(values, frozenset(unavailable))
 
 
 def from_prefetch(hook_request: HookRequest) -> PatientContext:
-    """Read the prefetch keys the client sent. A key sent as null means the client has no such data."""
-    prefetch = hook_request.prefetch or {}
-    patient = prefetch.get("patient")
+    """Only what the client sent (no outbound call)."""
+    return gather(hook_request, None)
+
+
+def _context(values: dict[str, Any], unavailable: frozenset[str]) -> PatientContext:
+    patient = values.get("patient")
     return PatientContext(
         patient=patient if isinstance(patient, dict) and patient.get("resourceType") == "Patient" else None,
-        coverages=_resources(prefetch["coverage"], "Coverage") if "coverage" in prefetch else None,
-        conditions=_resources(prefetch["conditions"], "Condition") if "conditions" in prefetch else None,
+        coverages=_resources(values["coverage"], "Coverage") if "coverage" in values else None,
+        conditions=_resources(values["conditions"], "Condition") if "conditions" in values else None,
+        unavailable=unavailable,
+        organizations=_organizations(values.get("coverage")),
     )
-
-
-def gather(hook_request: HookRequest) -> PatientContext:
-    """The patient context for one hook call."""
-    return from_prefetch(hook_request)

@@ -64,7 +64,7 @@ class RunningServer:
             try:
                 requests.get(self.url + "/cds-services", timeout=1)
                 return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError("server did not start within 30 s")
