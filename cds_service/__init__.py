@@ -21,10 +21,11 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         settings = Settings.from_env().with_overrides(**dict(config or {}))
 
     from . import api, viewer
+    from .auth import Authenticator
     from .engine import Engine
     from .store import Store, StoreUnavailable
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config["CDS_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # keep card fields in spec order
@@ -38,7 +39,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         logging.getLogger(__name__).error("database unavailable at start (%s); will retry on use", exc)
     app.extensions["cds_store"] = store
     app.extensions["cds_engine"] = Engine(settings, store)
-    app.extensions["cds_auth"] = None
+    app.extensions["cds_auth"] = None if settings.dev else Authenticator(settings, store)
     if settings.dev:
         logging.getLogger(__name__).warning(
             "DEV MODE: hook and feedback calls are NOT authenticated. Use only on a trusted machine.")
