@@ -15,7 +15,7 @@ from .config import Settings
 def _serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
-    from . import create_app
+    from . import create_app, engine  # noqa: F401  (imported before the fork: workers share the pages)
 
     if args.dev:
         os.environ["CDS_DEV"] = "1"

@@ -1,11 +1,212 @@
-"""POST /cds-services/{id}/feedback (issue #6 fills this in)."""
+"""POST /cds-services/{id}/feedback: validate CDS Hooks 2.0 feedback and store it, all entries or none.
+
+The request is `{"feedback": [Feedback, ...]}`; each Feedback has `card`, `outcome` (accepted | overridden),
+`acceptedSuggestions` (required when accepted), optional `overrideReason` {`reason` Coding, `userComment`}
+and `outcomeTimestamp` (RFC 3339). The spec gives no response body or status for feedback; this service
+answers 200 with `{"stored": n, "duplicates": m}`, a 400 naming every bad entry and field, or 503 when the
+database cannot take it (nothing stored: the client should send it again).
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from .errors import ApiError
+from .errors import ApiError, bad_request
+from .store import MAX_CODE, MAX_DISPLAY, MAX_ID, MAX_SYSTEM, RETRY_AFTER_SECONDS, StoreUnavailable, utcnow
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("accepted", "overridden")
+MAX_PROBLEMS_SHOWN = 20
+
+# RFC 3339 §5.6 date-time (the profile of ISO 8601 the spec names): full date, 'T', time, Z or offset.
+_RFC3339 = re.compile(
+    r"(?P<main>\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2})(?:\.(?P<fraction>\d+))?(?P<offset>[Zz]|[+-]\d{2}:\d{2})")
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One validated feedback entry."""
+
+    card: str
+    outcome: str
+    accepted_suggestions: tuple[str, ...]
+    override_system: str | None
+    override_code: str | None
+    override_display: str | None
+    user_comment: str | None
+    outcome_timestamp: datetime
+
+
+def parse_timestamp(value: str) -> datetime | None:
+    """An RFC 3339 date-time as an aware UTC datetime, or None when it is not one."""
+    match = _RFC3339.fullmatch(value)
+    if not match:
+        return None
+    fraction = (match["fraction"] or "")[:6].ljust(6, "0")
+    offset = "+00:00" if match["offset"] in ("Z", "z") else match["offset"]
+    try:  # fromisoformat checks the calendar (month 13, Feb 30, hour 24, second 60 all fail)
+        moment = datetime.fromisoformat(f"{match['main'].replace('t', 'T')}.{fraction}{offset}")
+    except ValueError:
+        return None
+    return moment.astimezone(timezone.utc)
+
+
+class _Problems:
+    """Collects every problem in a request, so one 400 names them all."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.items.append((field, message))
+
+    def string(self, obj: dict[str, Any], key: str, field: str, required: bool, max_length: int | None = None
+               ) -> str | None:
+        """obj[key] as a non-empty string (the spec forbids null and "" for every attribute)."""
+        if key not in obj:
+            if required:
+                self.add(field, "is required")
+            return None
+        value = obj[key]
+        if not isinstance(value, str):
+            self.add(field, "must be a string" + (" (omit it rather than send null)" if value is None else ""))
+            return None
+        if not value.strip():
+            self.add(field, "must not be empty")
+            return None
+        if max_length is not None and len(value) > max_length:
+            self.add(field, f"is longer than {max_length} characters")
+            return None
+        return value
+
+    def error(self) -> ApiError:
+        shown = self.items[:MAX_PROBLEMS_SHOWN]
+        more = len(self.items) - len(shown)
+        message = "invalid feedback, nothing was stored: " + "; ".join(f"{f}: {m}" for f, m in shown)
+        if more:
+            message += f"; and {more} more"
+        return bad_request(message, field=self.items[0][0])
+
+
+def _coding(value: Any, field: str, problems: _Problems) -> tuple[str | None, str | None, str | None]:
+    """(system, code, display) of a CDS Hooks Coding: code and system required, display optional."""
+    if not isinstance(value, dict):
+        problems.add(field, "must be a Coding object with 'system' and 'code' strings")
+        return None, None, None
+    system = problems.string(value, "system", f"{field}.system", True, MAX_SYSTEM)
+    code = problems.string(value, "code", f"{field}.code", True, MAX_CODE)
+    display = problems.string(value, "display", f"{field}.display", False, MAX_DISPLAY)
+    return system, code, display
+
+
+def _accepted_suggestions(value: Any, field: str, problems: _Problems) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        problems.add(field, "must be a non-empty array of {\"id\": suggestion uuid} objects")
+        return ()
+    ids = []
+    for j, item in enumerate(value):
+        if not isinstance(item, dict):
+            problems.add(f"{field}[{j}]", "must be an object with an 'id' string")
+            continue
+        suggestion_id = problems.string(item, "id", f"{field}[{j}].id", True, MAX_ID)
+        if suggestion_id is not None:
+            ids.append(suggestion_id)
+    return tuple(ids)
+
+
+def _entry(entry: Any, index: int, problems: _Problems) -> Feedback | None:
+    at = f"feedback[{index}]"
+    if not isinstance(entry, dict):
+        problems.add(at, "must be an object")
+        return None
+    before = len(problems.items)
+    card = problems.string(entry, "card", f"{at}.card", True, MAX_ID)
+    outcome = problems.string(entry, "outcome", f"{at}.outcome", True)
+    if outcome is not None and outcome not in OUTCOMES:
+        problems.add(f"{at}.outcome", "must be 'accepted' or 'overridden'")
+    accepted: tuple[str, ...] = ()
+    if "acceptedSuggestions" in entry:
+        accepted = _accepted_suggestions(entry["acceptedSuggestions"], f"{at}.acceptedSuggestions", problems)
+    elif outcome == "accepted":
+        problems.add(f"{at}.acceptedSuggestions", "is required when outcome is 'accepted'")
+    system = code = display = comment = None
+    if "overrideReason" in entry:
+        reason = entry["overrideReason"]
+        if not isinstance(reason, dict):
+            problems.add(f"{at}.overrideReason", "must be an object with 'reason' (a Coding) and/or 'userComment'")
+        else:
+            if "reason" not in reason and "userComment" not in reason:
+                problems.add(f"{at}.overrideReason", "must hold 'reason', 'userComment' or both")
+            if "reason" in reason:
+                system, code, display = _coding(reason["reason"], f"{at}.overrideReason.reason", problems)
+            comment = problems.string(reason, "userComment", f"{at}.overrideReason.userComment", False)
+    raw_timestamp = problems.string(entry, "outcomeTimestamp", f"{at}.outcomeTimestamp", True)
+    timestamp = parse_timestamp(raw_timestamp) if raw_timestamp is not None else None
+    if raw_timestamp is not None and timestamp is None:
+        problems.add(f"{at}.outcomeTimestamp", "must be an RFC 3339 date-time such as 2024-05-01T13:20:50.52Z")
+    if "extension" in entry and not isinstance(entry["extension"], dict):
+        problems.add(f"{at}.extension", "must be an object")
+    if len(problems.items) > before:
+        return None
+    assert card is not None and outcome is not None and timestamp is not None
+    return Feedback(card, outcome, accepted, system, code, display, comment, timestamp)
+
+
+def parse_feedback(body: Any) -> list[Feedback]:
+    """The validated entries of a feedback request. Raises a 400 ApiError naming every bad field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object with a 'feedback' array", field="feedback")
+    if "feedback" not in body:
+        raise bad_request("'feedback' is required: an array of feedback entries", field="feedback")
+    entries = body["feedback"]
+    if not isinstance(entries, list):
+        raise bad_request("'feedback' must be an array of feedback entries", field="feedback")
+    if not entries:
+        raise bad_request("'feedback' must not be empty", field="feedback")
+    problems = _Problems()
+    if "extension" in body and not isinstance(body["extension"], dict):
+        problems.add("extension", "must be an object")
+    parsed = [_entry(entry, i, problems) for i, entry in enumerate(entries)]
+    if problems.items:
+        raise problems.error()
+    return [p for p in parsed if p is not None]
 
 
 def receive(engine: Any, service: Any, body: Any) -> dict[str, Any]:
-    raise ApiError(501, "not_implemented", "feedback is not stored yet")
+    """Validate and store one feedback request for `service`; the JSON answer. Raises ApiError (400, 503)."""
+    entries = parse_feedback(body)
+    store = engine.store
+    unavailable = ApiError(503, "database_unavailable",
+                           "the feedback could not be stored because the database is unavailable; nothing was "
+                           "stored, send it again later", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if store is None:
+        raise unavailable
+    received_at = utcnow()
+    try:
+        known = store.issued(e.card for e in entries)
+        stored = store.add_feedback([{
+            "card_uuid": e.card,
+            "service_id": service.id,
+            "known_card": e.card in known,
+            "outcome": e.outcome,
+            "accepted_suggestions": list(e.accepted_suggestions),
+            "override_system": e.override_system,
+            "override_code": e.override_code,
+            "override_display": e.override_display,
+            "user_comment": e.user_comment,
+            "outcome_timestamp": e.outcome_timestamp,
+            "received_at": received_at,
+        } for e in entries])
+    except StoreUnavailable as exc:
+        log.error("feedback for service=%s not stored (%d entries): database unavailable (%s)",
+                  service.id, len(entries), exc)
+        raise unavailable from None
+    unknown = sum(1 for e in entries if e.card not in known)
+    log.info("feedback service=%s entries=%d stored=%d duplicates=%d unknown_cards=%d",
+             service.id, len(entries), stored, len(entries) - stored, unknown)
+    return {"stored": stored, "duplicates": len(entries) - stored}

@@ -1,28 +1,45 @@
 """The database: cards issued, feedback received, and JWT ids already seen (replay protection).
 
 SQLAlchemy Core over embedded SQLite by default (WAL mode, safe for several worker processes) or any
-SQLAlchemy URL, such as PostgreSQL for several instances. No patient data is ever stored here.
+SQLAlchemy URL, such as PostgreSQL for several instances. No patient identifiers or resource bodies are
+stored here; the one free text is the clinician's optional feedback `userComment`, stored as sent.
+
+Schema changes: raise SCHEMA_VERSION and add MIGRATIONS[old_version], a function that brings a database at
+`old_version` to `old_version + 1` inside the start-up transaction (which holds a lock, so only one worker
+migrates). A fresh database gets the current tables straight from `metadata`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import threading
+import time
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import (
     Boolean, Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, delete, event, insert,
-    select,
+    select, text, update,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+# Longest values the columns hold; feedback validation rejects longer ones with a 400.
+MAX_ID = 200        # card and suggestion uuids
+MAX_CODE = 200      # override reason code
+MAX_SYSTEM = 500    # override reason code system
+MAX_DISPLAY = 500   # override reason display
+
+RETRY_AFTER_SECONDS = 2  # after a connection failure, fail fast this long instead of waiting on the database
+_PG_LOCK_KEY = 0x0CD5_1247  # advisory lock serialising schema creation / migration across workers
 
 metadata = MetaData()
 
@@ -49,17 +66,19 @@ cards_issued = Table(
 feedback = Table(
     "feedback", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("card_uuid", String(64), nullable=False, index=True),
+    Column("card_uuid", String(MAX_ID), nullable=False, index=True),
     Column("service_id", String(100), nullable=False),
     Column("known_card", Boolean, nullable=False),
     Column("outcome", String(20), nullable=False),
     Column("accepted_suggestions", Text, nullable=False),  # JSON list of suggestion uuids
-    Column("override_system", String(300)),
-    Column("override_code", String(200)),
-    Column("override_display", String(500)),
+    Column("override_system", String(MAX_SYSTEM)),
+    Column("override_code", String(MAX_CODE)),
+    Column("override_display", String(MAX_DISPLAY)),
     Column("user_comment", Text),
-    Column("outcome_timestamp", DateTime(timezone=True), nullable=False),
+    Column("outcome_timestamp", DateTime(timezone=True), nullable=False, index=True),
     Column("received_at", DateTime(timezone=True), nullable=False),
+    # sha256 of the entry: a client re-sending the same feedback (a retry) does not count twice
+    Column("fingerprint", String(64), nullable=False, unique=True),
 )
 
 seen_jti = Table(
@@ -74,6 +93,10 @@ class StoreUnavailable(Exception):
     """The database cannot be reached or refused the operation."""
 
 
+class _SchemaTooNew(Exception):
+    pass
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -83,15 +106,41 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
+    """An engine for `url`: SQLite in WAL mode with a busy timeout, or a small pool for a server database."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=2)
+    connect_args: dict[str, Any] = {}
+    if make_url(url).get_driver_name() in ("psycopg", "psycopg2"):
+        connect_args["connect_timeout"] = 3  # an unreachable host must not hold hook calls for long
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=2,
+                         connect_args=connect_args)
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown by scheme only
+        return url.split(":", 1)[0] + ":…"
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Aware UTC datetime. SQLite hands back naive values, which this store always writes in UTC."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def feedback_fingerprint(row: dict[str, Any]) -> str:
+    """Identity of one feedback entry: the same entry sent twice is stored once."""
+    key = [row["service_id"], row["card_uuid"], row["outcome"], list(row["accepted_suggestions"]),
+           row.get("override_system"), row.get("override_code"), row.get("override_display"),
+           row.get("user_comment"), as_utc(row["outcome_timestamp"]).isoformat()]
+    return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 class Store:
@@ -103,67 +152,168 @@ class Store:
         self.engine = make_engine(url)
         self._ready = False
         self._lock = threading.Lock()
+        self._down_until = 0.0
+
+    # --- failure handling -------------------------------------------------------------------------------
+
+    def _check_available(self) -> None:
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable("database unreachable a moment ago; not retried yet")
+
+    def _unavailable(self, exc: SQLAlchemyError) -> StoreUnavailable:
+        """Translate a database error; after a connection failure, fail fast for a short while."""
+        if isinstance(exc, (OperationalError, InterfaceError)) and "locked" not in str(exc.orig):
+            self._down_until = time.monotonic() + RETRY_AFTER_SECONDS
+        return StoreUnavailable(type(exc).__name__)
+
+    # --- schema -----------------------------------------------------------------------------------------
 
     def ensure_schema(self) -> None:
+        """Create missing tables, record or migrate the schema version. Raises StoreUnavailable."""
         if self._ready:
             return
         with self._lock:
             if self._ready:
                 return
-            try:
-                metadata.create_all(self.engine, checkfirst=True)
-                with self.engine.begin() as conn:
-                    if conn.execute(select(schema_info.c.version)).first() is None:
-                        try:
-                            conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
-                        except IntegrityError:  # another worker recorded it first
-                            pass
-            except IntegrityError:
-                pass  # tables created concurrently by another worker: fine
-            except SQLAlchemyError as exc:
-                raise StoreUnavailable(type(exc).__name__) from exc
-            self._ready = True
+            self._check_available()
+            error: SQLAlchemyError | None = None
+            for _attempt in range(3):  # workers racing to create the tables: the loser retries and finds them
+                try:
+                    with self.engine.begin() as conn:
+                        self._lock_schema(conn)
+                        metadata.create_all(conn, checkfirst=True)
+                        self._migrate(conn)
+                    self._ready = True
+                    return
+                except _SchemaTooNew as exc:
+                    raise StoreUnavailable(str(exc)) from exc
+                except SQLAlchemyError as exc:
+                    error = exc
+                    if not (isinstance(exc, IntegrityError) or "already exists" in str(getattr(exc, "orig", exc))):
+                        break
+            assert error is not None
+            raise self._unavailable(error) from error
+
+    @staticmethod
+    def _lock_schema(conn: Connection) -> None:
+        """Hold a database-wide lock for the start-up transaction, so one worker creates / migrates at a time."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+        elif conn.dialect.name == "sqlite":
+            raw = conn.connection.dbapi_connection
+            if raw is not None and not raw.in_transaction:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @staticmethod
+    def _migrate(conn: Connection) -> None:
+        version = conn.execute(select(schema_info.c.version).where(schema_info.c.id == 1)).scalar()
+        if version is None:  # fresh database: create_all just made the current schema
+            conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
+            return
+        if version > SCHEMA_VERSION:
+            raise _SchemaTooNew(f"database schema version {version} is newer than this service's "
+                                f"{SCHEMA_VERSION}; upgrade the service")
+        for step in range(version, SCHEMA_VERSION):
+            log.warning("migrating database schema from version %d to %d", step, step + 1)
+            MIGRATIONS[step](conn)
+        if version != SCHEMA_VERSION:
+            conn.execute(update(schema_info).where(schema_info.c.id == 1).values(version=SCHEMA_VERSION))
 
     def schema_version(self) -> int | None:
         self.ensure_schema()
-        with self.engine.connect() as conn:
-            return conn.execute(select(schema_info.c.version)).scalar()
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(select(schema_info.c.version)).scalar()
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from exc
+
+    # --- writes -----------------------------------------------------------------------------------------
 
     def _write(self, table: Table, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
         self.ensure_schema()
+        self._check_available()
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(table), rows)
         except SQLAlchemyError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise self._unavailable(exc) from exc
 
     def record_cards(self, rows: Iterable[dict[str, Any]]) -> None:
         """Store issued cards: dicts with the columns of cards_issued (suggestions as a dict)."""
         self._write(cards_issued, [
-            {**row, "suggestions": json.dumps(row["suggestions"], sort_keys=True)} for row in rows
+            {**row, "issued_at": as_utc(row["issued_at"]), "suggestions": json.dumps(row["suggestions"],
+                                                                                    sort_keys=True)}
+            for row in rows
         ])
 
     def remember_jti(self, iss: str, jti: str, expires_at: datetime) -> bool:
         """True the first time (iss, jti) is seen; False for a replay. Raises StoreUnavailable."""
         self.ensure_schema()
+        self._check_available()
         try:
             with self.engine.begin() as conn:
                 if random.random() < 0.01:
                     conn.execute(delete(seen_jti).where(seen_jti.c.expires_at < utcnow()))
-                conn.execute(insert(seen_jti).values(iss=iss, jti=jti, expires_at=expires_at))
+                conn.execute(insert(seen_jti).values(iss=iss, jti=jti, expires_at=as_utc(expires_at)))
             return True
         except IntegrityError:
             return False
         except SQLAlchemyError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise self._unavailable(exc) from exc
 
-    def add_feedback(self, rows: list[dict[str, Any]]) -> None:
-        """Store feedback entries, all or none (one transaction)."""
-        self._write(feedback, [
-            {**row, "accepted_suggestions": json.dumps(row["accepted_suggestions"])} for row in rows
-        ])
+    def add_feedback(self, rows: list[dict[str, Any]]) -> int:
+        """Store feedback entries, all or none (one transaction); returns how many were new.
+
+        Rows: the columns of `feedback` except id and fingerprint, accepted_suggestions as a list.
+        An entry identical to one already stored (a client retry) is skipped, not duplicated.
+        """
+        if not rows:
+            return 0
+        self.ensure_schema()
+        self._check_available()
+        prepared = [{**row, "outcome_timestamp": as_utc(row["outcome_timestamp"]),
+                     "received_at": as_utc(row["received_at"]), "fingerprint": feedback_fingerprint(row),
+                     "accepted_suggestions": json.dumps(list(row["accepted_suggestions"]))} for row in rows]
+        try:
+            return self._insert_feedback(prepared)
+        except IntegrityError:
+            pass  # databases without ON CONFLICT: a concurrent copy of an entry won; a second pass skips it
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from exc
+        try:
+            return self._insert_feedback(prepared)
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _insert_feedback(self, rows: list[dict[str, Any]]) -> int:
+        with self.engine.begin() as conn:
+            return sum(self._insert_new(conn, row) for row in rows)
+
+    @staticmethod
+    def _insert_new(conn: Connection, row: dict[str, Any]) -> bool:
+        """Insert a feedback row unless its fingerprint is stored already; True when inserted."""
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            statement = pg_insert(feedback).values(**row).on_conflict_do_nothing(
+                index_elements=[feedback.c.fingerprint]).returning(feedback.c.id)
+            return conn.execute(statement).first() is not None  # a row comes back only when inserted
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            statement = sqlite_insert(feedback).values(**row).on_conflict_do_nothing(
+                index_elements=[feedback.c.fingerprint])
+            return conn.execute(statement).rowcount == 1
+        exists = conn.execute(select(feedback.c.id).where(feedback.c.fingerprint == row["fingerprint"])).first()
+        if exists:
+            return False
+        conn.execute(insert(feedback).values(**row))
+        return True
+
+    # --- reads ------------------------------------------------------------------------------------------
 
     def issued(self, card_uuids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The issued-card rows for these uuids (unknown ones are absent)."""
@@ -171,9 +321,10 @@ class Store:
         if not uuids:
             return {}
         self.ensure_schema()
+        self._check_available()
         try:
             with self.engine.connect() as conn:
                 rows = conn.execute(select(cards_issued).where(cards_issued.c.card_uuid.in_(uuids))).mappings()
                 return {row["card_uuid"]: {**row, "suggestions": json.loads(row["suggestions"])} for row in rows}
         except SQLAlchemyError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise self._unavailable(exc) from exc

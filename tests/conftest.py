@@ -49,25 +49,31 @@ def free_port() -> int:
 class RunningServer:
     """`cds-service serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, env: dict[str, str], args: list[str], workers: int = 2) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], args: list[str], workers: int = 2, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "cds_service.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", str(workers), *args]
         self.log_path = Path(env.get("CDS_TEST_LOG", os.devnull))
         self._log = open(self.log_path, "ab") if env.get("CDS_TEST_LOG") else subprocess.DEVNULL
         self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=self._log, stderr=self._log)
-        deadline = time.monotonic() + 30
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}")
             try:
-                requests.get(self.url + "/cds-services", timeout=1)
+                requests.get(self.url + "/cds-services", timeout=2)
                 return
             except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("server did not start within 30 s")
+        raise RuntimeError("server did not start within 60 s")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -81,12 +87,13 @@ class RunningServer:
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Any]:
-    """Factory: start_server(env=..., args=[...], workers=2) → RunningServer; all stopped at teardown."""
+    """Factory: start_server(env=..., args=[...], workers=2, port=None) → RunningServer; all stopped at teardown."""
     servers: list[RunningServer] = []
 
-    def start(env: dict[str, str] | None = None, args: list[str] | None = None, workers: int = 2) -> RunningServer:
+    def start(env: dict[str, str] | None = None, args: list[str] | None = None, workers: int = 2,
+              port: int | None = None) -> RunningServer:
         full_env = {"CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'server.sqlite3'}", **(env or {})}
-        server = RunningServer(full_env, args if args is not None else ["--dev"], workers)
+        server = RunningServer(full_env, args if args is not None else ["--dev"], workers, port)
         servers.append(server)
         return server
 

@@ -329,7 +329,7 @@ def test_the_default_kid_is_the_one_keys_printed(tmp_path: Path, capsys, httpser
     assert jwt.get_unverified_header(token)["kid"] == jwks["keys"][0]["kid"]
 
 
-def test_the_service_with_auth_on_accepts_a_signed_call(tmp_path: Path, capsys, monkeypatch, start_server) -> None:
+def test_the_service_with_auth_on_accepts_a_signed_call(tmp_path: Path, capsys, start_server) -> None:
     """Needs cds_service/auth.py (clients file + public URL). The aud a client signs must equal the URL the
     service believes it has, so the port is chosen before the server starts."""
     pem, jwks = make_keys(tmp_path, capsys, "--alg", "ES384")
@@ -337,9 +337,8 @@ def test_the_service_with_auth_on_accepts_a_signed_call(tmp_path: Path, capsys, 
     clients = tmp_path / "clients.json"
     clients.write_text(json.dumps({"clients": [{"iss": "https://ehr.example.org", "jwks": jwks}]}))
     port = free_port()
-    monkeypatch.setattr(conftest, "free_port", lambda: port)
     base = f"http://127.0.0.1:{port}"
-    server = start_server(env={"CDS_CLIENTS_FILE": str(clients), "CDS_PUBLIC_URL": base}, args=[])
+    server = start_server(env={"CDS_CLIENTS_FILE": str(clients), "CDS_PUBLIC_URL": base}, args=[], port=port)
     assert server.url == base
     url = base + SERVICE_PATH
 

@@ -1,0 +1,226 @@
+"""The database layer, on SQLite always and on a real PostgreSQL when CDS_TEST_POSTGRES_URL names one.
+
+`database_url` (parametrised: sqlite, postgresql) gives each test an empty database: a fresh SQLite file, or a
+fresh schema in the PostgreSQL database (dropped afterwards), so runs never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from sqlalchemy import Column, String, Table, create_engine, func, select, text
+from sqlalchemy.engine import make_url
+
+from cds_service import store as store_module
+from cds_service.store import Store, StoreUnavailable, cards_issued, feedback, schema_info
+
+POSTGRES_ENV = "CDS_TEST_POSTGRES_URL"
+NO_POSTGRES = (f"{POSTGRES_ENV} is not set: PostgreSQL tests skipped (set it to e.g. "
+               "postgresql+psycopg://cds:cds@127.0.0.1:5432/cds_test to run them)")
+
+
+def postgres_schema_url(base: str) -> Iterator[str]:
+    """A URL on a new, empty schema of the PostgreSQL database at `base`; the schema is dropped afterwards."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[postgres]')")
+    schema = "cds_test_" + uuid.uuid4().hex[:12]
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file, or (when CDS_TEST_POSTGRES_URL is set) a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.sqlite3'}"
+        return
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(NO_POSTGRES)
+    yield from postgres_schema_url(base)
+
+
+def card_row(card_uuid: str | None = None, **overrides) -> dict:
+    row = {
+        "card_uuid": card_uuid or str(uuid.uuid4()),
+        "service_id": "sacroplasty-order-select",
+        "hook": "order-select",
+        "hook_instance": str(uuid.uuid4()),
+        "issued_at": datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc),
+        "policy_id": "ccp-1247-sacroplasty",
+        "policy_version": "2021-07",
+        "rule": "code",
+        "evidence": "CPT 0200T",
+        "suggestions": {str(uuid.uuid4()): "facet-joint-injection", str(uuid.uuid4()): "exercise-program"},
+    }
+    row.update(overrides)
+    return row
+
+
+def feedback_row(card_uuid: str, **overrides) -> dict:
+    row = {
+        "card_uuid": card_uuid,
+        "service_id": "sacroplasty-order-select",
+        "known_card": True,
+        "outcome": "overridden",
+        "accepted_suggestions": [],
+        "override_system": "urn:cds-sacroplasty:override-reason",
+        "override_code": "oncology-exception",
+        "override_display": None,
+        "user_comment": None,
+        "outcome_timestamp": datetime(2024, 5, 1, 12, 5, tzinfo=timezone.utc),
+        "received_at": datetime(2024, 5, 1, 12, 5, 1, tzinfo=timezone.utc),
+    }
+    row.update(overrides)
+    return row
+
+
+def count(url: str, table: Table) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(table)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_tables_and_schema_version_created_on_first_start(database_url: str) -> None:
+    store = Store(database_url)
+    store.ensure_schema()
+    assert store.schema_version() == store_module.SCHEMA_VERSION
+    again = Store(database_url)  # a second start finds everything in place
+    again.ensure_schema()
+    assert again.schema_version() == store_module.SCHEMA_VERSION
+    assert count(database_url, schema_info) == 1
+
+
+def test_migration_hook_runs_once_per_step(database_url: str, monkeypatch) -> None:
+    Store(database_url).ensure_schema()  # a database at version 1
+    calls = []
+    extra = Table("migration_probe", store_module.metadata, Column("id", String(10), primary_key=True))
+    try:
+        def to_v2(conn) -> None:
+            calls.append(2)
+            conn.execute(text("CREATE TABLE migrated_marker (id INTEGER)"))
+
+        monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+        monkeypatch.setattr(store_module, "MIGRATIONS", {1: to_v2})
+        upgraded = Store(database_url)
+        upgraded.ensure_schema()
+        assert upgraded.schema_version() == 2 and calls == [2]
+        assert count(database_url, extra) == 0  # new tables from the current metadata were created too
+        Store(database_url).ensure_schema()
+        assert calls == [2]
+    finally:
+        store_module.metadata.remove(extra)
+
+
+def test_schema_newer_than_code_is_refused(database_url: str, monkeypatch) -> None:
+    Store(database_url).ensure_schema()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 0)
+    with pytest.raises(StoreUnavailable, match="newer"):
+        Store(database_url).ensure_schema()
+
+
+def test_cards_round_trip(database_url: str) -> None:
+    store = Store(database_url)
+    rows = [card_row(), card_row(issued_at=datetime(2024, 5, 2, 14, 0, tzinfo=timezone(timedelta(hours=2))))]
+    store.record_cards(rows)
+    issued = store.issued([rows[0]["card_uuid"], rows[1]["card_uuid"], "never-issued"])
+    assert set(issued) == {rows[0]["card_uuid"], rows[1]["card_uuid"]}
+    assert issued[rows[0]["card_uuid"]]["suggestions"] == rows[0]["suggestions"]
+    assert issued[rows[1]["card_uuid"]]["hook_instance"] == rows[1]["hook_instance"]
+    stored_at = store_module.as_utc(issued[rows[1]["card_uuid"]]["issued_at"])
+    assert stored_at == datetime(2024, 5, 2, 12, 0, tzinfo=timezone.utc)  # kept in UTC
+
+
+def test_feedback_is_all_or_nothing(database_url: str) -> None:
+    store = Store(database_url)
+    good = feedback_row("card-1")
+    broken = feedback_row("card-2", outcome=None)  # NOT NULL violated by the second row
+    with pytest.raises(StoreUnavailable):
+        store.add_feedback([good, broken])
+    assert count(database_url, feedback) == 0
+    assert store.add_feedback([good]) == 1
+    assert count(database_url, feedback) == 1
+
+
+def test_same_feedback_twice_is_stored_once(database_url: str) -> None:
+    store = Store(database_url)
+    first = feedback_row("card-1")
+    later = feedback_row("card-1", outcome_timestamp=datetime(2024, 5, 1, 13, 0, tzinfo=timezone.utc))
+    assert store.add_feedback([first, first]) == 1
+    assert store.add_feedback([first, later]) == 1  # the retry is skipped, the new answer kept
+    assert count(database_url, feedback) == 2
+
+
+def test_jti_replay_is_detected(database_url: str) -> None:
+    store = Store(database_url)
+    expires = datetime.now(timezone.utc) + timedelta(minutes=5)
+    assert store.remember_jti("https://ehr.example", "jti-1", expires) is True
+    assert store.remember_jti("https://ehr.example", "jti-1", expires) is False
+    assert store.remember_jti("https://other.example", "jti-1", expires) is True
+
+
+def test_unreachable_database_raises_store_unavailable_and_recovers(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "not-yet"
+    store = Store(f"sqlite:///{folder / 'db.sqlite3'}")
+    with pytest.raises(StoreUnavailable):
+        store.ensure_schema()
+    with pytest.raises(StoreUnavailable):
+        store.record_cards([card_row()])
+    with pytest.raises(StoreUnavailable):
+        store.add_feedback([feedback_row("card-1")])
+    folder.mkdir()  # the database comes back
+    clock = store_module.time.monotonic() + store_module.RETRY_AFTER_SECONDS + 1
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock)
+    store.record_cards([card_row()])
+    assert store.add_feedback([feedback_row("card-1")]) == 1
+
+
+def test_closed_postgres_port_raises_store_unavailable() -> None:
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[postgres]')")
+    from conftest import free_port
+
+    store = Store(f"postgresql+psycopg://cds:cds@127.0.0.1:{free_port()}/cds")
+    with pytest.raises(StoreUnavailable):
+        store.record_cards([card_row()])
+    with pytest.raises(StoreUnavailable):
+        store.issued(["x"])
+
+
+def _write_from_process(url: str, worker: int, rows: int) -> None:
+    """Child process: its own Store (racing the others to create the schema), cards then feedback."""
+    store = Store(url)
+    for i in range(rows):
+        card = card_row(f"w{worker}-card-{i}")
+        store.record_cards([card])
+        store.add_feedback([feedback_row(card["card_uuid"], outcome="accepted",
+                                         accepted_suggestions=[next(iter(card["suggestions"]))])])
+
+
+def test_several_processes_write_at_once(database_url: str) -> None:
+    processes, rows = 5, 20
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=_write_from_process, args=(database_url, w, rows))
+                for w in range(processes)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+    assert [c.exitcode for c in children] == [0] * processes
+    assert count(database_url, cards_issued) == processes * rows
+    assert count(database_url, feedback) == processes * rows
