@@ -48,6 +48,10 @@ def read_json() -> tuple[Any, str]:
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the request body as application/json")
     raw = request.get_data(cache=False)  # Flask enforces MAX_CONTENT_LENGTH here (413)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A chunked body (no Content-Length): Werkzeug stops reading at the cap instead of refusing it.
+        raise ApiError(413, "request_entity_too_large", f"the request body is larger than {limit} bytes")
     try:
         text = raw.decode("utf-8")
         body = json.loads(text)
@@ -58,6 +62,11 @@ def read_json() -> tuple[Any, str]:
     if _too_deep(body, current_app.config["CDS_SETTINGS"].max_json_depth):
         raise bad_request("the request body is nested too deeply")
     return body, text
+
+
+def loggable(value: str, limit: int = 80) -> str:
+    """A client-chosen string made safe for one log line (no line breaks or control characters)."""
+    return "".join(c if c.isprintable() else "?" for c in value[:limit])
 
 
 def authenticate(service: Service, feedback: bool = False) -> None:
@@ -81,7 +90,7 @@ def invoke(service_id: str) -> Response:
     authenticate(service)
     body, raw = read_json()
     if isinstance(body, dict) and isinstance(body.get("hookInstance"), str):
-        g.hook_instance = body["hookInstance"][:80]
+        g.hook_instance = loggable(body["hookInstance"])
     response = engine().evaluate(service, body, raw)
     g.cards = len(response["cards"])
     return jsonify(response)

@@ -20,6 +20,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.dev:
         os.environ["CDS_DEV"] = "1"
     settings = Settings.from_env()
+    if not settings.dev and settings.clients_file:
+        from .auth import ClientsFileError, load_clients
+
+        try:
+            load_clients(settings.clients_file)
+        except ClientsFileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
     class Server(BaseApplication):  # gunicorn's documented way to embed it
         def load_config(self) -> None:

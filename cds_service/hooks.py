@@ -58,6 +58,9 @@ def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookReque
     if sent_hook != hook:
         raise bad_request(f"this service answers the {hook} hook, not {sent_hook}", "hook")
     hook_instance = _string(body, "hookInstance", "")
+    if len(hook_instance) > 200 or not hook_instance.isprintable():
+        # It names this call in our logs and records: one printable line, as a UUID is.
+        raise bad_request("hookInstance must be a UUID or another short printable identifier", "hookInstance")
     context = body.get("context")
     if not isinstance(context, dict):
         raise bad_request("context must be a JSON object", "context")

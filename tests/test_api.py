@@ -228,3 +228,12 @@ def test_deeply_nested_json_is_400(client) -> None:
     response = client.post("/cds-services/sacroplasty-order-select", data=b"[" * 100000,
                            content_type="application/json")
     assert response.status_code == 400
+
+
+@pytest.mark.parametrize("value", ["line\nforged log line", "x" * 201, "tab\there"])
+def test_hook_instance_must_be_one_short_printable_line(client, value: str) -> None:
+    body = load_fixture(BASE)
+    body["hookInstance"] = value
+    response = post(client, body)
+    assert response.status_code == 400
+    assert response.get_json()["field"] == "hookInstance"
