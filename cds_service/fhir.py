@@ -47,16 +47,8 @@ def _origin(scheme: str, host: str, port: int | None) -> str:
 
 def normalize_origin(value: str) -> str | None:
     """`scheme://host[:port]` in canonical form (lower case, default port dropped), or None if it is not one."""
-    try:
-        parts = urlsplit(value.strip())
-        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
-    except ValueError:
-        return None
-    if scheme not in DEFAULT_PORTS or not host or parts.username is not None or parts.password is not None:
-        return None
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        return None
-    return _origin(scheme, host, port)
+    base = FhirBase.parse(value)
+    return base.origin if base and base.path == "" else None
 
 
 def _dot_segments(path: str) -> bool:
