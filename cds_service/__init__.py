@@ -9,6 +9,7 @@ from flask import Flask
 from flask_cors import CORS
 
 from .config import Settings
+from .jsonio import FastJSONProvider
 
 __version__ = "0.1.0"
 
@@ -28,8 +29,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, static_folder=None)
     app.config["CDS_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False  # keep card fields in spec order
-    app.json.compact = True
+    app.json = FastJSONProvider(app)  # compact, card fields in spec order
 
     logging.getLogger("cds_service").setLevel(settings.log_level)
     store = Store(settings.database_url)

@@ -369,8 +369,8 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
             raise _Refused("malformed")
         try:
-            head = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
+            parsed = jwt.decode_complete(token, options={"verify_signature": False})  # one parse for both
+            head, unverified = parsed["header"], parsed["payload"]
         except jwt.PyJWTError:
             raise _Refused("malformed") from None
         alg, kid, jku, typ = head.get("alg"), head.get("kid"), head.get("jku"), head.get("typ", "JWT")

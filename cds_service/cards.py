@@ -68,7 +68,7 @@ class CardBuilder:
         # CRD Propose Alternate Request: each suggestion deletes the draft and creates the alternative, so
         # without an id to delete there are no suggestions (the card still lists the alternatives).
         if with_suggestions and _order_reference(order):
-            base = self.replacement_base(order, hook_request, now)
+            base = self.replacement_base(order, hook_request, now, decision.order_is_valid)
             for alternative in offered:
                 suggestion = self._suggestion(alternative, decision, base)
                 suggestions.append(suggestion)
@@ -125,13 +125,16 @@ class CardBuilder:
         })
         return {"label": label, "uuid": str(uuid.uuid4()), "actions": actions}
 
-    def replacement_base(self, order: dict[str, Any], hook_request: HookRequest, now: datetime) -> dict[str, Any]:
+    def replacement_base(self, order: dict[str, Any], hook_request: HookRequest, now: datetime,
+                         order_is_valid: bool = False) -> dict[str, Any]:
         """What every replacement of `order` shares: same patient, visit, orderer, date and reason.
 
         Copied from the draft where it is valid FHIR R4; validated once per order, so that each
         alternative only adds its (already validated) code.
         """
         base = self._base_order(order, hook_request, now, copy_from_draft=True)
+        if order_is_valid:  # copied from a valid order: valid as it stands
+            return base
         try:
             ServiceRequest.model_validate({**base, "code": {"text": "check"}})
         except ValueError:

@@ -180,7 +180,8 @@ def coverage_actions(decisions: list[Decision], policy: Policy, today: date) -> 
             continue
         resource = copy.deepcopy(order)
         resource["extension"] = [copy.deepcopy(e) for e in existing if not _refers_to(e, reference)] + [ours]
-        if not _valid_r4(resource):
+        # Only coverage-information extensions changed, ours valid by construction: a valid order stays valid.
+        if not decision.order_is_valid and not _valid_r4(resource):
             continue
         actions.append({
             "type": "update",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from functools import cached_property
 from typing import Any
+
+from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from .detect import Detector, Match
 from .eligibility import ChiroStatus, PlanStatus, chiropractic_status, plan_status
@@ -25,6 +28,17 @@ class Decision:
     match: Match
     plan: PlanStatus
     chiropractic: ChiroStatus
+
+    @cached_property
+    def order_is_valid(self) -> bool:
+        """Is the draft order, as sent, valid FHIR R4? Checked at most once per call: fhir.resources
+        validation is the costliest step of a sacroplasty call, and what the card's replacement orders and
+        the CRD update copy from a valid order needs no validation of its own."""
+        try:
+            ServiceRequest.model_validate(self.order)
+        except (ValueError, KeyError, TypeError):  # KeyError: a contained resource of unknown type
+            return False
+        return True
 
 
 def find_sacroplasty(hook_request: HookRequest, detector: Detector) -> list[Finding]:

@@ -256,7 +256,8 @@ class Store:
             with self.engine.begin() as conn:
                 if random.random() < 0.01:
                     conn.execute(delete(seen_jti).where(seen_jti.c.expires_at < utcnow()))
-                conn.execute(insert(seen_jti).values(iss=iss, jti=jti, expires_at=as_utc(expires_at)))
+                # values as parameters, not in the statement: SQLAlchemy then reuses the compiled INSERT
+                conn.execute(insert(seen_jti), {"iss": iss, "jti": jti, "expires_at": as_utc(expires_at)})
             return True
         except IntegrityError:
             return False
