@@ -51,8 +51,8 @@ def _too_deep(raw: bytes, limit: int) -> bool:
     return bool(brackets)
 
 
-def read_json() -> tuple[Any, str]:
-    """The request body as parsed JSON and as text. 415 unless JSON, 413 when too big, 400 when invalid."""
+def read_json() -> Any:
+    """The request body as parsed JSON. 415 unless JSON, 413 when too big, 400 when invalid."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the request body as application/json")
     raw = request.get_data(cache=False)  # Flask enforces MAX_CONTENT_LENGTH here (413)
@@ -61,15 +61,14 @@ def read_json() -> tuple[Any, str]:
         # A chunked body (no Content-Length): Werkzeug stops reading at the cap instead of refusing it.
         raise ApiError(413, "request_entity_too_large", f"the request body is larger than {limit} bytes")
     try:
-        text = raw.decode("utf-8")
-        body = orjson.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        body = orjson.loads(raw)  # also refuses invalid UTF-8
+    except ValueError as exc:
         raise bad_request(f"the request body is not valid JSON ({type(exc).__name__})") from None
     except RecursionError:
         raise bad_request("the request body is nested too deeply") from None
     if _too_deep(raw, current_app.config["CDS_SETTINGS"].max_json_depth):
         raise bad_request("the request body is nested too deeply")
-    return body, text
+    return body
 
 
 def loggable(value: str, limit: int = 80) -> str:
@@ -96,10 +95,10 @@ def invoke(service_id: str) -> Response:
     service = _service(service_id)
     g.service_id = service.id
     authenticate(service)
-    body, raw = read_json()
+    body = read_json()
     if isinstance(body, dict) and isinstance(body.get("hookInstance"), str):
         g.hook_instance = loggable(body["hookInstance"])
-    response = engine().evaluate(service, body, raw)
+    response = engine().evaluate(service, body)
     g.cards = len(response["cards"])
     return jsonify(response)
 
@@ -111,7 +110,7 @@ def feedback(service_id: str) -> Response:
     service = _service(service_id)
     g.service_id = service.id
     authenticate(service, feedback=True)
-    body, _ = read_json()
+    body = read_json()
     return jsonify(receive(engine(), service, body))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -42,7 +43,11 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("loglevel", "info")
 
         def load(self) -> Any:
-            return create_app(settings)
+            app = create_app(settings)
+            # The app's long-lived objects (FHIR models, policy data) never become garbage: keep them out of
+            # the collector's full scans, which would otherwise walk them on every hook call's allocations.
+            gc.freeze()
+            return app
 
     if settings.dev:
         logging.getLogger("cds_service").warning(

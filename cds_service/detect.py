@@ -65,21 +65,12 @@ class Detector:
         self._sacral_text = _compile(va.get("sacral_site_patterns", []))
         self._sacral_codes = {(c["system"], c["code"].upper()) for c in va.get("sacral_site_codes", [])}
         self._bilateral = re.compile(r"\bbilateral\b", re.IGNORECASE)
-        # Every code and word that can start a match: lets callers skip whole requests cheaply.
-        words = [code for _, code in self._codes] + [code for _, code in self._va_codes]
-        words += ["sacr", "vertebr", "kyphopl", "augment"]
-        self.screen_words: tuple[str, ...] = tuple(w.lower() for w in words)
 
     def _key(self, coding: dict[str, Any]) -> tuple[str, str] | None:
         system, code = coding.get("system"), coding.get("code")
         if not isinstance(system, str) or not isinstance(code, str):
             return None
         return self._aliases.get(system, system), code.strip().upper()
-
-    def might_match(self, raw: str) -> bool:
-        """Cheap screen on raw request text: False means no order in it can be a sacroplasty."""
-        lowered = raw.lower()
-        return any(word in lowered for word in self.screen_words)
 
     def match(self, order: dict[str, Any]) -> Match | None:
         """Judge one ServiceRequest (raw JSON). None when it is not a sacroplasty."""

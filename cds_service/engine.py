@@ -64,8 +64,7 @@ class Engine:
     def parse(self, service: Service, body: Any) -> HookRequest:
         return parse_hook_request(body, service.hook, self.settings.max_draft_orders)
 
-    def evaluate(self, service: Service, body: Any, raw: str | None = None,
-                 now: datetime | None = None) -> dict[str, Any]:
+    def evaluate(self, service: Service, body: Any, now: datetime | None = None) -> dict[str, Any]:
         """The response to one hook call. Raises ApiError for an invalid request."""
         hook_request = self.parse(service, body)
         kinds = crd.requested_kinds(hook_request.extension, self.policy)
