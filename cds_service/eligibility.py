@@ -17,6 +17,8 @@ asks to confirm, and the card detail says what is missing.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import re
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -107,13 +109,18 @@ def _resolve(reference: Any, coverage: dict[str, Any], organizations: dict[str, 
     return organizations.get("/".join(parts[-2:]), {}) if len(parts) >= 2 else {}
 
 
+@lru_cache(maxsize=8)
+def _payer_matcher(policy: Policy) -> PayerMatcher:
+    return PayerMatcher(policy.payer)
+
+
 def plan_status(ctx: PatientContext, policy: Policy) -> PlanStatus:
     if "coverage" in ctx.unavailable:
         return PlanStatus(True, None, "coverage_fetch_failed")
     active = [c for c in ctx.coverages or [] if c.get("status") == "active"]
     if not active:
         return PlanStatus(True, None, "plan_unknown")
-    matcher = PayerMatcher(policy.payer)
+    matcher = _payer_matcher(policy)
     verdicts = [(c, matcher.coverage(c, ctx.organizations)) for c in active]
     member = next((c for c, verdict in verdicts if verdict is True), None)
     if member is not None:
@@ -196,16 +203,21 @@ def onset_window(condition: dict[str, Any], cutoff: date) -> str:
     return "unknown"
 
 
+@lru_cache(maxsize=8)
+def _value_sets(policy: Policy) -> tuple[ValueSet, ValueSet]:
+    """The radiculopathy and back-problem value sets, compiled once per policy."""
+    return ValueSet(policy.conditions["radiculopathy"]), ValueSet(policy.conditions["back_problem"])
+
+
 def chiropractic_status(ctx: PatientContext, policy: Policy, today: date) -> ChiroStatus:
     messages = policy.messages
     if ctx.conditions is None or "conditions" in ctx.unavailable:
         return ChiroStatus(True, "chiro_unknown", messages["chiro_label_unknown"])
     rules = policy.conditions
     active = [c for c in ctx.conditions if is_active(c)]
-    radiculopathy = ValueSet(rules["radiculopathy"])
+    radiculopathy, back_problem = _value_sets(policy)
     if any(radiculopathy.matches(c.get("code")) for c in active):
         return ChiroStatus(False, "chiro_radiculopathy")
-    back_problem = ValueSet(rules["back_problem"])
     problems = [c for c in active if back_problem.matches(c.get("code"))]
     if not problems:
         return ChiroStatus(True, "chiro_no_problem", messages["chiro_label_onset_unknown"])

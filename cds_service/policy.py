@@ -26,7 +26,7 @@ class Alternative:
     conditional: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: loaded once, rules compiled once per policy
 class Policy:
     id: str
     number: str
