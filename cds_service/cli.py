@@ -13,6 +13,14 @@ from typing import Any, Sequence
 from .config import Settings
 
 
+def _write_queued_records(_server: Any, worker: Any) -> None:
+    """gunicorn's worker_exit hook: card records still queued in this worker are written before it goes."""
+    app = getattr(worker, "wsgi", None)
+    store = app.extensions.get("cds_store") if app is not None else None
+    if store is not None:
+        store.close()
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -41,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("accesslog", None)
             self.cfg.set("errorlog", "-")
             self.cfg.set("loglevel", "info")
+            self.cfg.set("worker_exit", _write_queued_records)
 
         def load(self) -> Any:
             app = create_app(settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -16,9 +15,7 @@ from .fhir import FhirClient
 from .hooks import HookRequest, parse_hook_request
 from .patient import PREFETCH_TEMPLATES, gather
 from .policy import Policy, load_policies
-from .store import Store, StoreUnavailable
-
-log = logging.getLogger(__name__)
+from .store import Store
 
 HOOKS = ("order-select", "order-sign")
 
@@ -83,10 +80,11 @@ class Engine:
         return response
 
     def _record(self, service: Service, hook_request: HookRequest, issued: list[IssuedCard], now: datetime) -> None:
-        """Keep what the payer's report needs; a database failure never costs the clinician the card."""
+        """Keep what the payer's report needs. Queued, not awaited: the clinician's card never waits for
+        the database, nor is lost to it (store.py, writer.py)."""
         if not self.store or not issued:
             return
-        rows = [{
+        self.store.record_cards([{
             "card_uuid": i.card["uuid"],
             "service_id": service.id,
             "hook": hook_request.hook,
@@ -97,9 +95,4 @@ class Engine:
             "rule": i.decision.match.rule,
             "evidence": i.decision.match.evidence,
             "suggestions": i.suggestions,
-        } for i in issued]
-        try:
-            self.store.record_cards(rows)
-        except StoreUnavailable as exc:
-            log.error("could not record %d card(s) for hookInstance=%s: database unavailable (%s)",
-                      len(rows), hook_request.hook_instance, exc)
+        } for i in issued])

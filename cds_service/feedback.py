@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -21,6 +22,9 @@ from .store import MAX_CODE, MAX_DISPLAY, MAX_ID, MAX_SYSTEM, RETRY_AFTER_SECOND
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("accepted", "overridden")
+# Another worker writes the cards it issued a moment after answering (store.py), so a card not found at once
+# is looked up again after these pauses (seconds) before its feedback is marked as about an unknown card.
+UNKNOWN_CARD_RECHECKS = (0.02, 0.05, 0.1, 0.2)
 MAX_PROBLEMS_SHOWN = 20
 
 # RFC 3339 §5.6 date-time (the profile of ISO 8601 the spec names): full date, 'T', time, Z or offset.
@@ -177,6 +181,17 @@ def parse_feedback(body: Any) -> list[Feedback]:
     return [p for p in parsed if p is not None]
 
 
+def _issued(store: Any, cards: set[str]) -> dict[str, Any]:
+    """The issued-card records of `cards`, allowing for cards still on their way to the database."""
+    known = store.issued(cards)
+    for pause in UNKNOWN_CARD_RECHECKS:
+        if len(known) == len(cards):
+            break
+        time.sleep(pause)
+        known.update(store.issued(cards - known.keys()))
+    return known
+
+
 def receive(engine: Any, service: Any, body: Any) -> dict[str, Any]:
     """Validate and store one feedback request for `service`; the JSON answer. Raises ApiError (400, 503)."""
     entries = parse_feedback(body)
@@ -188,7 +203,7 @@ def receive(engine: Any, service: Any, body: Any) -> dict[str, Any]:
         raise unavailable
     received_at = utcnow()
     try:
-        known = store.issued(e.card for e in entries)
+        known = _issued(store, {e.card for e in entries})
         stored = store.add_feedback([{
             "card_uuid": e.card,
             "service_id": service.id,

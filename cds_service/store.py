@@ -14,11 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import (
     Boolean, Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, delete, event, insert,
@@ -26,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+
+from .writer import GroupWriter, Job
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ MAX_SYSTEM = 500    # override reason code system
 MAX_DISPLAY = 500   # override reason display
 
 RETRY_AFTER_SECONDS = 2  # after a connection failure, fail fast this long instead of waiting on the database
+JTI_WAIT_SECONDS = 10.0  # longest a hook call waits for its JWT id to be checked (SQLite's busy timeout)
+PURGE_EVERY_SECONDS = 60.0  # expired JWT ids are deleted at most this often (per process)
 _PG_LOCK_KEY = 0x0CD5_1247  # advisory lock serialising schema creation / migration across workers
 
 metadata = MetaData()
@@ -90,7 +93,12 @@ seen_jti = Table(
 
 
 class StoreUnavailable(Exception):
-    """The database cannot be reached or refused the operation."""
+    """The database cannot be reached or refused the operation. `retryable`: the same write may succeed
+    later (the database was down or busy), as opposed to a write it refused (a constraint)."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class _SchemaTooNew(Exception):
@@ -153,6 +161,9 @@ class Store:
         self._ready = False
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._next_purge = 0.0
+        # Cards issued and JWT ids seen are written by one thread per process, many per transaction.
+        self._writer = GroupWriter(self._write_batch, name="db-writer", retry_after=RETRY_AFTER_SECONDS)
 
     # --- failure handling -------------------------------------------------------------------------------
 
@@ -164,7 +175,7 @@ class Store:
         """Translate a database error; after a connection failure, fail fast for a short while."""
         if isinstance(exc, (OperationalError, InterfaceError)) and "locked" not in str(exc.orig):
             self._down_until = time.monotonic() + RETRY_AFTER_SECONDS
-        return StoreUnavailable(type(exc).__name__)
+        return StoreUnavailable(type(exc).__name__, retryable=not isinstance(exc, IntegrityError))
 
     # --- schema -----------------------------------------------------------------------------------------
 
@@ -241,28 +252,88 @@ class Store:
             raise self._unavailable(exc) from exc
 
     def record_cards(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Store issued cards: dicts with the columns of cards_issued (suggestions as a dict)."""
-        self._write(cards_issued, [
+        """Queue issued cards for the writer: dicts with the columns of cards_issued (suggestions as a dict).
+
+        Returns at once and never raises: the hook call that issued the cards does not wait for the
+        database. While the database is down the rows are kept and written when it is back (see writer.py).
+        """
+        prepared = [
             {**row, "issued_at": as_utc(row["issued_at"]), "suggestions": json.dumps(row["suggestions"],
                                                                                     sort_keys=True)}
             for row in rows
-        ])
+        ]
+        if prepared:
+            self._writer.submit(prepared)
 
     def remember_jti(self, iss: str, jti: str, expires_at: datetime) -> bool:
         """True the first time (iss, jti) is seen; False for a replay. Raises StoreUnavailable."""
+        self._check_available()
+        job = self._writer.submit((iss, jti, as_utc(expires_at)), waited=True)
+        try:
+            return bool(job.wait(JTI_WAIT_SECONDS))
+        except TimeoutError as exc:
+            raise StoreUnavailable(str(exc)) from None
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the cards queued by this process are written. False on time-out, or while the
+        database is down and rows wait for it."""
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the writer (a worker's exit)."""
+        self._writer.close(timeout)
+
+    def _write_batch(self, jobs: Sequence[Job]) -> list[Job]:
+        """The writer's work for one batch; returns the card jobs to try again later."""
+        checks = [job for job in jobs if job.waited]
+        if checks:
+            try:
+                self._check_jtis(checks)
+            except StoreUnavailable as exc:
+                for job in checks:
+                    job.finish(error=exc)
+        cards = [job for job in jobs if not job.waited]
+        if not cards:
+            return []
+        try:
+            self._write(cards_issued, [row for job in cards for row in job.payload])
+        except StoreUnavailable as exc:
+            rows = sum(len(job.payload) for job in cards)
+            if exc.retryable:
+                log.warning("database unavailable (%s): %d card record(s) kept for a later try", exc, rows)
+                return cards
+            log.error("database refused %d card record(s) (%s); not recorded", rows, exc)
+        return []
+
+    def _check_jtis(self, checks: Sequence[Job]) -> None:
+        """Insert each (iss, jti, expires_at) unless present; a job's result is True when it was new."""
         self.ensure_schema()
         self._check_available()
+        dialect = self.engine.dialect.name
+        try:
+            if dialect not in ("sqlite", "postgresql"):  # no ON CONFLICT: one transaction per id
+                for job in checks:
+                    job.finish(self._insert_jti_alone(*job.payload))
+                return
+            statement = _insert_ignoring_duplicates(seen_jti, dialect, seen_jti.c.iss, seen_jti.c.jti)
+            with self.engine.begin() as conn:
+                if time.monotonic() >= self._next_purge:
+                    conn.execute(delete(seen_jti).where(seen_jti.c.expires_at < utcnow()))
+                    self._next_purge = time.monotonic() + PURGE_EVERY_SECONDS
+                new = [conn.execute(statement, {"iss": iss, "jti": jti, "expires_at": expires}).first() is not None
+                       for iss, jti, expires in (job.payload for job in checks)]
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from exc
+        for job, first in zip(checks, new):  # answered only once committed
+            job.finish(first)
+
+    def _insert_jti_alone(self, iss: str, jti: str, expires_at: datetime) -> bool:
         try:
             with self.engine.begin() as conn:
-                if random.random() < 0.01:
-                    conn.execute(delete(seen_jti).where(seen_jti.c.expires_at < utcnow()))
-                # values as parameters, not in the statement: SQLAlchemy then reuses the compiled INSERT
-                conn.execute(insert(seen_jti), {"iss": iss, "jti": jti, "expires_at": as_utc(expires_at)})
+                conn.execute(insert(seen_jti), {"iss": iss, "jti": jti, "expires_at": expires_at})
             return True
         except IntegrityError:
             return False
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from exc
 
     def add_feedback(self, rows: list[dict[str, Any]]) -> int:
         """Store feedback entries, all or none (one transaction); returns how many were new.
@@ -296,18 +367,9 @@ class Store:
     def _insert_new(conn: Connection, row: dict[str, Any]) -> bool:
         """Insert a feedback row unless its fingerprint is stored already; True when inserted."""
         dialect = conn.dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            statement = pg_insert(feedback).values(**row).on_conflict_do_nothing(
-                index_elements=[feedback.c.fingerprint]).returning(feedback.c.id)
-            return conn.execute(statement).first() is not None  # a row comes back only when inserted
-        if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            statement = sqlite_insert(feedback).values(**row).on_conflict_do_nothing(
-                index_elements=[feedback.c.fingerprint])
-            return conn.execute(statement).rowcount == 1
+        if dialect in ("sqlite", "postgresql"):
+            statement = _insert_ignoring_duplicates(feedback, dialect, feedback.c.fingerprint)
+            return conn.execute(statement, row).first() is not None
         exists = conn.execute(select(feedback.c.id).where(feedback.c.fingerprint == row["fingerprint"])).first()
         if exists:
             return False
@@ -321,6 +383,8 @@ class Store:
         uuids = list(set(card_uuids))
         if not uuids:
             return {}
+        self._check_available()
+        self.flush(timeout=2.0)  # this process's own cards first
         self.ensure_schema()
         self._check_available()
         try:
@@ -329,3 +393,13 @@ class Store:
                 return {row["card_uuid"]: {**row, "suggestions": json.loads(row["suggestions"])} for row in rows}
         except SQLAlchemyError as exc:
             raise self._unavailable(exc) from exc
+
+
+def _insert_ignoring_duplicates(table: Table, dialect: str, *unique: Column) -> Any:
+    """INSERT … ON CONFLICT (unique) DO NOTHING RETURNING, for "sqlite" and "postgresql": the statement
+    returns a row when it inserted, none when the row was there already."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=list(unique)).returning(unique[0])

@@ -175,20 +175,36 @@ def test_jti_replay_is_detected(database_url: str) -> None:
     assert store.remember_jti("https://other.example", "jti-1", expires) is True
 
 
-def test_unreachable_database_raises_store_unavailable_and_recovers(tmp_path: Path, monkeypatch) -> None:
+def test_unreachable_database_keeps_cards_and_recovers(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(store_module, "RETRY_AFTER_SECONDS", 0.2)
     folder = tmp_path / "not-yet"
-    store = Store(f"sqlite:///{folder / 'db.sqlite3'}")
+    url = f"sqlite:///{folder / 'db.sqlite3'}"
+    store = Store(url)
     with pytest.raises(StoreUnavailable):
         store.ensure_schema()
-    with pytest.raises(StoreUnavailable):
-        store.record_cards([card_row()])
+    card = card_row()
+    store.record_cards([card])  # the hook call that issued it does not fail, nor wait
+    assert store.flush(timeout=0.1) is False  # kept, waiting for the database
     with pytest.raises(StoreUnavailable):
         store.add_feedback([feedback_row("card-1")])
+    with pytest.raises(StoreUnavailable):
+        store.remember_jti("https://ehr.example", "jti-1", datetime.now(timezone.utc))
     folder.mkdir()  # the database comes back
-    clock = store_module.time.monotonic() + store_module.RETRY_AFTER_SECONDS + 1
-    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock)
-    store.record_cards([card_row()])
+    assert store.flush(timeout=5) is True
+    assert count(url, cards_issued) == 1
+    assert set(store.issued([card["card_uuid"]])) == {card["card_uuid"]}
     assert store.add_feedback([feedback_row("card-1")]) == 1
+    assert store.remember_jti("https://ehr.example", "jti-1", datetime.now(timezone.utc)) is True
+
+
+def test_cards_queued_at_exit_are_written(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    store = Store(url)
+    rows = [card_row() for _ in range(50)]
+    for row in rows:
+        store.record_cards([row])
+    store.close()
+    assert count(url, cards_issued) == 50
 
 
 def test_closed_postgres_port_raises_store_unavailable() -> None:
@@ -197,9 +213,11 @@ def test_closed_postgres_port_raises_store_unavailable() -> None:
 
     store = Store(f"postgresql+psycopg://cds:cds@127.0.0.1:{free_port()}/cds")
     with pytest.raises(StoreUnavailable):
-        store.record_cards([card_row()])
+        store.remember_jti("https://ehr.example", "jti-1", datetime.now(timezone.utc))
     with pytest.raises(StoreUnavailable):
         store.issued(["x"])
+    with pytest.raises(StoreUnavailable):
+        store.add_feedback([feedback_row("card-1")])
 
 
 def _write_from_process(url: str, worker: int, rows: int) -> None:
@@ -208,6 +226,7 @@ def _write_from_process(url: str, worker: int, rows: int) -> None:
     for i in range(rows):
         card = card_row(f"w{worker}-card-{i}")
         store.record_cards([card])
+        store.flush()
         store.add_feedback([feedback_row(card["card_uuid"], outcome="accepted",
                                          accepted_suggestions=[next(iter(card["suggestions"]))])])
 
