@@ -44,8 +44,10 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
         logging.getLogger(__name__).warning(
             "DEV MODE: hook and feedback calls are NOT authenticated. Use only on a trusted machine.")
 
+    # always_send=False: a call without an Origin header (an EHR's server, not a browser) is not a CORS
+    # request and gets no CORS headers, so the common hook call skips that work.
     CORS(app, origins=settings.cors_origins, allow_headers=["Authorization", "Content-Type"],
-         methods=["GET", "POST", "OPTIONS"], max_age=600)
+         methods=["GET", "POST", "OPTIONS"], max_age=600, always_send=False)
     api.register_errors(app)
     api.register_request_log(app)
     app.register_blueprint(api.bp)

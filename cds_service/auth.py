@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -303,6 +304,13 @@ class KeySetCache:
 # --- verification ------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=64)
+def _public_key(alg: str, jwk_json: str) -> jwt.PyJWK:
+    """The key object for a JWK, built once per key rather than on every call (loading an EC point costs
+    about as much as the rest of the token checks). Also checks kty and, for ES384, the P-384 curve."""
+    return jwt.PyJWK(json.loads(jwk_json), algorithm=alg)
+
+
 def _unauthorized(reason: str | None) -> ApiError:
     if reason is None:
         return ApiError(401, "unauthorized", "this service requires an Authorization: Bearer JWT",
@@ -409,7 +417,7 @@ class Authenticator:
         if jwk.get("alg", alg) != alg:
             raise _Refused("key_algorithm", client.iss)
         try:
-            key = jwt.PyJWK(jwk, algorithm=alg)  # also checks kty and, for ES384, the P-384 curve
+            key = _public_key(alg, json.dumps(jwk, sort_keys=True))
             claims = jwt.decode(
                 token, key=key, algorithms=[alg], audience=self.audiences(service_id, feedback),
                 issuer=client.iss, leeway=LEEWAY_SECONDS,

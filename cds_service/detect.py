@@ -65,6 +65,9 @@ class Detector:
         self._sacral_text = _compile(va.get("sacral_site_patterns", []))
         self._sacral_codes = {(c["system"], c["code"].upper()) for c in va.get("sacral_site_codes", [])}
         self._bilateral = re.compile(r"\bbilateral\b", re.IGNORECASE)
+        # Most orders are not sacroplasties: one that has none of these strings in its texts (and no code of
+        # the policy, nor a sacral bodySite code) cannot match any pattern, so the patterns are not run.
+        self._screen = tuple(s.casefold() for s in data.get("screen", []))
 
     def _key(self, coding: dict[str, Any]) -> tuple[str, str] | None:
         system, code = coding.get("system"), coding.get("code")
@@ -81,6 +84,8 @@ class Detector:
                 return Match("code", "|".join(key), self._codes[key])
         texts = list(_texts(code))
         site_texts = list(_texts(order.get("bodySite")))
+        if self._screen and not self._passes_screen(keys, texts, site_texts, order):
+            return None
         if any(key in self._va_codes for key in keys) or any(self._va_text and self._va_text.search(t) for t in texts):
             if self._is_sacral(order, texts, site_texts):
                 va = next(("|".join(k) for k in keys if k in self._va_codes), "text")
@@ -91,6 +96,16 @@ class Detector:
                 if found:
                     return Match("text", found.group(0).lower(), self._laterality(texts))
         return None
+
+    def _passes_screen(self, keys: list[tuple[str, str]], texts: list[str], site_texts: list[str],
+                       order: dict[str, Any]) -> bool:
+        if any(key in self._va_codes for key in keys):
+            return True
+        folded = "\n".join(texts + site_texts).casefold()  # casefold: as re.IGNORECASE compares
+        if any(s in folded for s in self._screen):
+            return True
+        return bool(order.get("bodySite")) and bool(
+            {k for k in map(self._key, _codings(order.get("bodySite"))) if k} & self._sacral_codes)
 
     def _is_sacral(self, order: dict[str, Any], texts: list[str], site_texts: list[str]) -> bool:
         site_keys = {k for k in map(self._key, _codings(order.get("bodySite"))) if k}

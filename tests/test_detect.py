@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cds_service.config import Settings
 from cds_service.detect import Detector
@@ -103,3 +107,49 @@ def test_bilateral_laterality(detector: Detector) -> None:
     assert detector.match(order("0201T")).laterality == "bilateral"
     assert detector.match(order(text="Bilateral sacroplasty")).laterality == "bilateral"
     assert detector.match(order("0200T")).laterality == "unilateral"
+
+
+# --- the screen (detection.json "screen"): orders without any of its strings skip the patterns -----------
+
+DETECTION = load_policies(Settings().cards_dir)[0].detection
+SCREENED_PATTERNS = DETECTION["text_patterns"] + DETECTION["vertebral_augmentation"]["sacral_site_patterns"]
+
+
+@pytest.fixture(scope="module")
+def unscreened() -> Detector:
+    policy = load_policies(Settings().cards_dir)[0]
+    return Detector(dataclasses.replace(policy, detection={k: v for k, v in policy.detection.items()
+                                                           if k != "screen"}))
+
+
+def test_the_policy_has_a_screen(detector: Detector) -> None:
+    assert detector._screen  # else the checks below would pass vacuously
+
+
+@pytest.mark.parametrize("pattern", SCREENED_PATTERNS)
+@given(data=st.data())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_text_a_pattern_matches_passes_the_screen(pattern: str, data: st.DataObject) -> None:
+    """The contract the screen relies on, for each pattern: whatever it matches holds a screen string."""
+    text = data.draw(st.from_regex(re.compile(pattern, re.IGNORECASE)))
+    assert any(s.casefold() in text.casefold() for s in DETECTION["screen"]), (pattern, text)
+
+
+@pytest.mark.parametrize("resource", [r for r, _ in POSITIVES.values()] + list(NEGATIVES.values()))
+def test_screen_changes_no_answer_on_the_table(detector: Detector, unscreened: Detector, resource) -> None:
+    assert detector.match(resource) == unscreened.match(resource)
+
+
+WORDS = ["sacroplasty", "Sacral", "SACRUM", "ala", "S1", "s5", "augmentation", "of", "the", "kyphoplasty",
+         "vertebroplasty", "vertebral", "balloon", "cementoplasty", "L3", "lumbar", "CT", "bilateral", "ſacral"]
+
+
+@given(code=st.sampled_from([None, "0200T", "22511", "22514", "72131", "97110"]),
+       text=st.lists(st.sampled_from(WORDS), max_size=6).map(" ".join),
+       site=st.one_of(st.none(), st.lists(st.sampled_from(WORDS), max_size=3).map(lambda w: [{"text": " ".join(w)}]),
+                      st.just(SACRUM_SITE)))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_screen_changes_no_answer_on_generated_orders(detector: Detector, unscreened: Detector, code, text,
+                                                     site) -> None:
+    resource = order(code, text=text or None, site=site)
+    assert detector.match(resource) == unscreened.match(resource)

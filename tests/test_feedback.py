@@ -7,6 +7,7 @@ import copy
 import json
 import multiprocessing
 import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -306,5 +307,8 @@ def test_several_processes_post_feedback_at_once(start_server, server_database_u
     stored = rows(server_database_url)
     assert len(stored) == processes * rounds * 2
     assert all(r["known_card"] for r in stored)
+    deadline = time.monotonic() + 5  # the workers write their card records within moments of answering
+    while count(server_database_url, cards_issued) < processes * rounds and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert count(server_database_url, cards_issued) == processes * rounds
     assert len({r["card_uuid"] for r in stored}) == processes * rounds

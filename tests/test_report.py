@@ -57,6 +57,7 @@ def seed(url: str) -> None:
 
     store = Store(url)
     store.record_cards(cards.values())
+    assert store.flush()  # card records are written behind the call
     assert store.add_feedback([
         accepted("C1", ["S1a"], at(1, 9)),
         accepted("C2", ["S2a", "S2b"], at(1, 10)),

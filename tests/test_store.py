@@ -243,3 +243,26 @@ def test_several_processes_write_at_once(database_url: str) -> None:
     assert [c.exitcode for c in children] == [0] * processes
     assert count(database_url, cards_issued) == processes * rows
     assert count(database_url, feedback) == processes * rows
+
+
+def test_same_jti_from_many_threads_at_once_is_new_exactly_once(database_url: str) -> None:
+    """Several hook calls carrying one token at the same moment: the writer checks them in one batch."""
+    import threading
+
+    store = Store(database_url)
+    store.ensure_schema()
+    expires = datetime.now(timezone.utc) + timedelta(minutes=5)
+    answers: list[bool] = []
+    start = threading.Barrier(12)
+
+    def call(jti: str) -> None:
+        start.wait()
+        answers.append(store.remember_jti("https://ehr.example", jti, expires))
+
+    threads = [threading.Thread(target=call, args=("same" if i % 2 else f"own-{i}",)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(answers) == 12
+    assert answers.count(True) == 6 + 1  # six distinct ids, and the shared one once
