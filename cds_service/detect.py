@@ -78,12 +78,21 @@ class Detector:
     def match(self, order: dict[str, Any]) -> Match | None:
         """Judge one ServiceRequest (raw JSON). None when it is not a sacroplasty."""
         code = order.get("code")
-        keys = [k for k in map(self._key, _codings(code)) if k]
-        for key in keys:
-            if key in self._codes:
-                return Match("code", "|".join(key), self._codes[key])
-        texts = list(_texts(code))
-        site_texts = list(_texts(order.get("bodySite")))
+        keys: list[tuple[str, str]] = []
+        texts: list[str] = []  # as _texts(code) gives them, gathered in the same pass as the codes
+        for concept in _dicts(code):
+            if isinstance(concept.get("text"), str):
+                texts.append(concept["text"])
+            for coding in _dicts(concept.get("coding")):
+                key = self._key(coding)
+                if key is not None:
+                    if key in self._codes:  # a code of the policy decides at once
+                        return Match("code", "|".join(key), self._codes[key])
+                    keys.append(key)
+                if isinstance(coding.get("display"), str):
+                    texts.append(coding["display"])
+        site = order.get("bodySite")
+        site_texts = list(_texts(site)) if site is not None else []
         if self._screen and not self._passes_screen(keys, texts, site_texts, order):
             return None
         if any(key in self._va_codes for key in keys) or any(self._va_text and self._va_text.search(t) for t in texts):

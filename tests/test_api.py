@@ -6,7 +6,10 @@ import copy
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cds_service.api import _too_deep
 from conftest import load_fixture
 
 # fixture → the draft orders that must get a card (in order); every other fixture order gets none
@@ -228,6 +231,24 @@ def test_deeply_nested_json_is_400(client) -> None:
     response = client.post("/cds-services/sacroplasty-order-select", data=b"[" * 100000,
                            content_type="application/json")
     assert response.status_code == 400
+
+
+def _depth(value) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else 1 + max(map(_depth, children), default=0)
+
+
+_TRICKY = st.text(alphabet='[]{}"\\ab,:é', max_size=8)  # strings full of what the byte-level check must skip
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | _TRICKY,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TRICKY, inner, max_size=3),
+                     max_leaves=25)
+
+
+@given(value=_JSON, limit=st.integers(0, 8), ascii_only=st.booleans(), indent=st.sampled_from([None, 2]))
+@settings(max_examples=500, deadline=None)
+def test_depth_check_agrees_with_the_parsed_value(value, limit: int, ascii_only: bool, indent) -> None:
+    raw = json.dumps(value, ensure_ascii=ascii_only, indent=indent).encode()
+    assert _too_deep(raw, limit) == (_depth(value) > limit)
 
 
 @pytest.mark.parametrize("value", ["line\nforged log line", "x" * 201, "tab\there"])
