@@ -79,7 +79,8 @@ def read_json() -> Any:
 
 def loggable(value: str, limit: int = 80) -> str:
     """A client-chosen string made safe for one log line (no line breaks or control characters)."""
-    return "".join(c if c.isprintable() else "?" for c in value[:limit])
+    value = value[:limit]
+    return value if value.isprintable() else "".join(c if c.isprintable() else "?" for c in value)
 
 
 def authenticate(service: Service, feedback: bool = False) -> None:

@@ -70,7 +70,7 @@ class CardBuilder:
         # CRD Propose Alternate Request: each suggestion deletes the draft and creates the alternative, so
         # without an id to delete there are no suggestions (the card still lists the alternatives).
         if with_suggestions and _order_reference(order):
-            base = self.replacement_base(order, hook_request, now, decision.order_is_valid)
+            base = self.replacement_base(order, hook_request, now, decision.known_valid)
             for alternative in offered:
                 suggestion = self._suggestion(alternative, decision, base, ids)
                 suggestions.append(suggestion)

@@ -40,6 +40,13 @@ class Decision:
             return False
         return True
 
+    @property
+    def known_valid(self) -> bool:
+        """True when `order_is_valid` has been checked already (for the CRD update) and held. Never checks:
+        a card that only needs the few elements its replacement orders copy validates just those, which
+        costs half as much as the whole order."""
+        return self.__dict__.get("order_is_valid") is True  # where cached_property keeps its value
+
 
 def find_sacroplasty(hook_request: HookRequest, detector: Detector) -> list[Finding]:
     """The orders to judge that are sacroplasties, in request order."""

@@ -71,8 +71,9 @@ class Engine:
         now = now or datetime.now(timezone.utc)
         ctx = gather(hook_request, self.fhir)
         decisions = decide(findings, ctx, self.policy, now.date())
-        issued = [self.cards.build(d, hook_request, now) for d in decisions] if kinds.alternatives else []
+        # The CRD update first: when it validates a whole draft order, the card reuses that answer.
         actions = crd.coverage_actions(decisions, self.policy, now.date()) if kinds.coverage_info else []
+        issued = [self.cards.build(d, hook_request, now) for d in decisions] if kinds.alternatives else []
         self._record(service, hook_request, issued, now)
         response: dict[str, Any] = {"cards": [i.card for i in issued]}
         if actions:
