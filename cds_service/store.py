@@ -124,11 +124,6 @@ def make_engine(url: str) -> Engine:
             connect_args["connect_timeout"] = 3  # an unreachable host must not hold hook calls for long
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=2,
                                connect_args=connect_args)
-    # The writer's batches as multi-row INSERTs (SQLAlchemy's "insertmanyvalues", which it applies by default
-    # only to INSERT … RETURNING) rather than executemany: one statement per page of rows instead of one per
-    # row, so the writer thread waits for the GIL once per page; measured: a third of the CPU per row.
-    if engine.dialect.use_insertmanyvalues:
-        engine.dialect.use_insertmanyvalues_wo_returning = True
     return engine
 
 
