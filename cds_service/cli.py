@@ -119,18 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Every hook call logs one line: skip the record fields our format never shows (the logging HOWTO's
-    # "Optimization" section); finding the caller's file and line walked the stack on every call.
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _configure_logging()
+    from .logs import configure
+
+    configure()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -409,7 +410,11 @@ def test_logs_hold_no_patient_data_real_server(start_server, tmp_path) -> None:
     for service, body in hostile_variants():
         statuses.add(requests.post(f"{server.url}/cds-services/{service}", json=body, timeout=10).status_code)
     assert {200, 400} <= statuses
-    text = log.read_text(encoding="utf-8", errors="replace")
+    deadline = time.monotonic() + 5  # the server writes its log lines a few times a second (logs.py)
+    text = ""
+    while not ("status=200" in text and "status=400" in text) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        text = log.read_text(encoding="utf-8", errors="replace")
     assert "status=200" in text and "status=400" in text
     assert leaked(text) == []
 
