@@ -181,10 +181,18 @@ class CardBuilder:
 
 
 def new_ids(count: int) -> Iterator[str]:
-    """`count` random (version 4) UUIDs from a single read of the OS's random source (one system call per
-    card instead of one per id)."""
-    raw = os.urandom(16 * count)
-    return (str(uuid.UUID(bytes=raw[i:i + 16], version=4)) for i in range(0, 16 * count, 16))
+    """`count` random UUIDs (RFC 9562 version 4) from one read of the OS's random source.
+
+    Formatted here rather than through uuid.UUID: a card needs 17 of them, and building UUID objects was 6%
+    of a sacroplasty call under load (measured). The layout is the standard 8-4-4-4-12 hex string with the
+    version nibble 4 and the variant bits 10, exactly what str(uuid.uuid4()) gives (tests/test_cards.py).
+    """
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # variant RFC 4122 / 9562
+    h = raw.hex()
+    return (f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
+            for i in range(0, 32 * count, 32))
 
 
 def _order_reference(order: dict[str, Any]) -> str | None:

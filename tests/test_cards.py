@@ -150,3 +150,14 @@ def test_no_loop_created_orders_get_no_card(client, hook: str) -> None:
         response = client.post(f"/cds-services/{SERVICE[hook]}", json=again)
         assert response.status_code == 200
         assert response.get_json() == {"cards": []}, resource["code"]
+
+
+def test_new_ids_are_canonical_version_4_uuids() -> None:
+    from cds_service.cards import new_ids
+
+    ids = list(new_ids(5000))
+    parsed = [uuid.UUID(value) for value in ids]
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert [str(u) for u in parsed] == ids  # lower-case 8-4-4-4-12, as str(uuid.uuid4()) writes them
+    assert len(set(ids)) == len(ids)
+    assert len({value[14] for value in ids}) == 1 and {value[19] for value in ids} == set("89ab")
