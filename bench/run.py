@@ -256,6 +256,20 @@ class Signer:
         path.write_text("\n".join(self.token(aud) for _ in range(count)) + "\n")
         return path
 
+    def verify_cpu_ms(self, count: int = 300) -> float:
+        """CPU time of one ES384 signature check (OpenSSL through `cryptography`, as PyJWT does it), in this
+        process: the one cost of mix d that no implementation can avoid."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        message = self.token("https://bench.example/cds-services/x").encode()
+        signature = self.key.sign(message, ec.ECDSA(hashes.SHA384()))
+        public = self.key.public_key()
+        started = time.process_time()
+        for _ in range(count):
+            public.verify(signature, message, ec.ECDSA(hashes.SHA384()))
+        return (time.process_time() - started) * 1000 / count
+
 
 # ---------------------------------------------------------------------------------------------- checks
 
@@ -354,6 +368,7 @@ class Result:
     service: Side
     baseline: Side
     jwks_fetches: int | None = None
+    verify_cpu_ms: float | None = None  # mix d: one ES384 signature check, measured in the same run
 
     @property
     def ratio(self) -> float:
@@ -427,7 +442,10 @@ class Bench:
             self.stop(service)
         for mix in [m for m in mixes if m.auth]:
             service = self.service(auth=True)
-            self.results.append(self.measure(mix, service, baseline))
+            result = self.measure(mix, service, baseline)
+            assert self.signer is not None
+            result.verify_cpu_ms = self.signer.verify_cpu_ms()
+            self.results.append(result)
             self.stop(service)
 
     def tokens_needed(self) -> int:
@@ -555,6 +573,14 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     for r in results:
         if r.jwks_fetches is not None:
             lines.append(f"JWKS fetched {r.jwks_fetches} time(s) during mix ({r.mix.key}).")
+    for r in results:
+        if r.verify_cpu_ms is not None:
+            base = r.baseline.cpu_ms + r.baseline.wrk_cpu_ms
+            lines.append(
+                f"Mix ({r.mix.key}) ceiling: one ES384 signature check costs {r.verify_cpu_ms:.2f} ms of CPU here, "
+                f"against {base:.2f} ms for the baseline's whole request (worker + wrk), so even a service doing "
+                f"nothing but the baseline's work and that check reaches at most {base / (base + r.verify_cpu_ms):.2f}"
+                f" of the baseline (target {r.mix.target:.1f}).")
     return "\n".join(lines)
 
 
