@@ -63,6 +63,8 @@ WriteBatch = Callable[[Sequence[Job]], Sequence[Job]]
 
 
 class GroupWriter:
+    """The writer thread of one process and its queue. `submit` from any thread; `flush` / `close` to wait."""
+
     def __init__(self, write: WriteBatch, name: str = "db-writer", interval: float = 0.05,
                  max_batch: int = 500, max_parked: int = 10_000, retry_after: float = 2.0) -> None:
         self._write = write
