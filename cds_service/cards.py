@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator
 
-from .decide import Decision
-from .hooks import HookRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from .decide import Decision
+from .hooks import HookRequest
 from .policy import Alternative, Policy
 
 CARD_EXTENSION_POLICY = "cds-sacroplasty.policy"
