@@ -113,12 +113,13 @@ class Detector:
         folded = "\n".join(texts + site_texts).casefold()  # casefold: as re.IGNORECASE compares
         if any(s in folded for s in self._screen):
             return True
-        return bool(order.get("bodySite")) and bool(
-            {k for k in map(self._key, _codings(order.get("bodySite"))) if k} & self._sacral_codes)
+        return self._has_sacral_site_code(order)
+
+    def _has_sacral_site_code(self, order: dict[str, Any]) -> bool:
+        return any(self._key(coding) in self._sacral_codes for coding in _codings(order.get("bodySite")))
 
     def _is_sacral(self, order: dict[str, Any], texts: list[str], site_texts: list[str]) -> bool:
-        site_keys = {k for k in map(self._key, _codings(order.get("bodySite"))) if k}
-        if site_keys & self._sacral_codes:
+        if self._has_sacral_site_code(order):
             return True
         # The code's own display ("lumbosacral") is not a site; the clinician's text and the bodySite are.
         code = order.get("code")
