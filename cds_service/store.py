@@ -118,13 +118,12 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        connect_args: dict[str, Any] = {}
-        if make_url(url).get_driver_name() in ("psycopg", "psycopg2"):
-            connect_args["connect_timeout"] = 3  # an unreachable host must not hold hook calls for long
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=2,
-                               connect_args=connect_args)
-    return engine
+        return engine
+    connect_args: dict[str, Any] = {}
+    if make_url(url).get_driver_name() in ("psycopg", "psycopg2"):
+        connect_args["connect_timeout"] = 3  # an unreachable host must not hold hook calls for long
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=2,
+                         connect_args=connect_args)
 
 
 def safe_url(url: str) -> str:
