@@ -92,24 +92,16 @@
           continue;
         }
       }
-      if ((ch === "*" || ch === "_") && next === ch) {
-        var strongEnd = closing(text, i, ch + ch);
-        if (strongEnd !== -1 && !(ch === "_" && isWordChar(text.charAt(i - 1)))) {
+      if (ch === "*" || ch === "_") {
+        // "**" / "__" strong, "*" / "_" emphasis; an unclosed "**" stays text (no fallback to emphasis).
+        var marker = next === ch ? ch + ch : ch;
+        var end = closing(text, i, marker);
+        if (end !== -1 && !(ch === "_" && isWordChar(text.charAt(i - 1)))) {
           flush();
-          var strong = document.createElement("strong");
-          inline(text.slice(i + 2, strongEnd), strong);
-          parent.appendChild(strong);
-          i = strongEnd + 2;
-          continue;
-        }
-      } else if (ch === "*" || ch === "_") {
-        var emEnd = closing(text, i, ch);
-        if (emEnd !== -1 && !(ch === "_" && isWordChar(text.charAt(i - 1)))) {
-          flush();
-          var em = document.createElement("em");
-          inline(text.slice(i + 1, emEnd), em);
-          parent.appendChild(em);
-          i = emEnd + 1;
+          var span = document.createElement(marker.length === 2 ? "strong" : "em");
+          inline(text.slice(i + marker.length, end), span);
+          parent.appendChild(span);
+          i = end + marker.length;
           continue;
         }
       }
