@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .conformance import Conformance, check_response
 from .signing import (
-    ALGORITHMS, UsageError, algorithm_for, generate_key, load_private_key, make_token, public_jwk,
+    ALGORITHMS, UsageError, algorithm_for, generate_key, load_private_key, make_token, public_jwk, read_file,
 )
 
 DEFAULT_KEY_FILE = "cds-client-key.pem"
@@ -117,11 +117,7 @@ def _count(n: int, word: str) -> str:
 # ----- the commands ----------------------------------------------------------------------------------
 
 def _read_request(path: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    raw = read_file(path)
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

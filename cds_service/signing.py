@@ -52,12 +52,17 @@ def algorithm_for(key: Any, requested: str | None = None) -> str:
     return alg
 
 
-def load_private_key(path: str) -> SigningKey:
+def read_file(path: str, what: str = "") -> bytes:
+    """The bytes of a file the user named; UsageError saying which file and why when it cannot be read."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            return handle.read()
     except OSError as exc:
-        raise UsageError(f"cannot read key {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read {what}{path}: {exc.strerror or exc}") from None
+
+
+def load_private_key(path: str) -> SigningKey:
+    data = read_file(path, "key ")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
