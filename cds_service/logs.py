@@ -73,7 +73,7 @@ class BatchedStreamHandler(logging.StreamHandler):
 
 
 def configure(level: int = logging.INFO) -> None:
-    """Root logging for the command line: batched stderr, and no record fields our format never shows.
+    """Root logging for the command line: batched stderr, and no caller lookup (our format never shows it).
     Like logging.basicConfig, leaves a root logger that has handlers already (a test harness's) alone."""
     if not logging.getLogger().handlers:
         try:
@@ -85,7 +85,5 @@ def configure(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter(FORMAT))
         logging.basicConfig(level=level, handlers=[handler])
     # The logging HOWTO's "Optimization": finding the caller's file and line walked the stack on every call.
+    # Process and thread ids stay: they cost little, and gunicorn's own log format prints %(process)d.
     logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False

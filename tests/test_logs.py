@@ -73,3 +73,17 @@ def test_a_forked_worker_does_not_write_the_parents_lines_again(logger_to) -> No
     handler.flush_now()
     text = path.read_text()
     assert text.count("from the parent") == 1 and text.count("from the child") == 1
+
+
+def test_served_log_has_gunicorns_lines_and_no_logging_errors(start_server, tmp_path: Path) -> None:
+    """The command's logging set-up must suit the other loggers in the process too (gunicorn's format
+    prints the process id)."""
+    log = tmp_path / "server.log"
+    server = start_server(env={"CDS_TEST_LOG": str(log)}, args=["--dev"], workers=1)
+    assert server.url
+    deadline = time.monotonic() + 5
+    while "Booting worker" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = log.read_text()
+    assert "Listening at" in text and "Booting worker" in text
+    assert "Logging error" not in text
