@@ -21,7 +21,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     else:
         settings = Settings.from_env().with_overrides(**dict(config or {}))
 
-    from . import api, viewer
+    from . import api, policy_page, viewer
     from .auth import Authenticator
     from .engine import Engine
     from .store import Store, StoreUnavailable
@@ -52,4 +52,5 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     api.register_request_log(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(viewer.bp)
+    app.register_blueprint(policy_page.bp)
     return app

@@ -105,7 +105,7 @@ def invoke(service_id: str) -> Response:
     body = read_json()
     if isinstance(body, dict) and isinstance(body.get("hookInstance"), str):
         g.hook_instance = loggable(body["hookInstance"])
-    response = engine().evaluate(service, body)
+    response = engine().evaluate(service, body, base_url=request.host_url)
     g.cards = len(response["cards"])
     return jsonify(response)
 

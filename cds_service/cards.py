@@ -9,19 +9,28 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from string import Template
 from typing import Any, Iterator
 
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from .decide import Decision
+from .eligibility import ValueSet
 from .hooks import HookRequest
 from .policy import Alternative, Policy
 
 CARD_EXTENSION_POLICY = "cds-sacroplasty.policy"
 CRD_ASSOCIATED_RESOURCE = "davinci-crd.associated-resource"
 
-# Elements of the draft that the replacement order keeps: same patient, visit, orderer and reason.
-CARRIED_OVER = ("subject", "encounter", "requester", "authoredOn", "reasonReference", "priority", "insurance")
+# Elements of the draft that every replacement order keeps: same patient, visit, orderer, date. The reason
+# is not among them: a created order copies only the reasonCode concepts its alternative lists as fitting
+# (alternatives.json `reasons_that_fit`), since a sacral fracture supports no facet injection (hazard H6).
+CARRIED_OVER = ("subject", "encounter", "requester", "authoredOn", "priority", "insurance")
+# Bounds on what a card echoes from the order (issue 13: a card's size must not grow with the order's).
+MAX_ORDER_NAME = 60  # characters of the order's name in the detail and the delete action
+MAX_REASONS_COPIED = 3  # reasonCode concepts a created order copies
+MAX_CODINGS_COPIED = 5  # codings per copied concept
+MAX_REASON_TEXT = 200  # a copied concept's text is dropped beyond this
 
 
 @dataclass(frozen=True)
@@ -56,11 +65,16 @@ class CardBuilder:
             "indicator": card["indicator"],
             "selectionBehavior": card["selection_behavior"],
         }
-        self._advice = "\n".join(f"- {text}" for text in policy.advice)
+        self._also_covered = Template(card["also_covered"]).substitute(
+            list="; ".join(a.card_text for a in policy.also_covered))
+        self._listed = Template(card["alternatives_listed"])
         self._note = card["note_on_created_order"]
+        self._reason_sets = {name: ValueSet(policy.conditions[name])
+                             for a in policy.alternatives for name in a.reasons_that_fit}
 
-    def build(self, decision: Decision, hook_request: HookRequest, now: datetime,
+    def build(self, decision: Decision, hook_request: HookRequest, now: datetime, base_url: str,
               with_suggestions: bool = True) -> IssuedCard:
+        """The card for one decision. `base_url`: this service's public URL, for the policy page link."""
         policy = self.policy
         order = decision.order
         offered = [a for a in policy.alternatives if a.conditional != "chiropractic" or decision.chiropractic.offer]
@@ -77,7 +91,7 @@ class CardBuilder:
         card: dict[str, Any] = {
             "uuid": next(ids),
             **self._base,
-            "detail": self._detail(decision, offered),
+            "detail": self._detail(decision, offered, bool(suggestions), base_url),
             "source": self._source,
             "overrideReasons": self._override_reasons,
             "extension": {CARD_EXTENSION_POLICY: policy.identity},
@@ -91,18 +105,20 @@ class CardBuilder:
             del card["selectionBehavior"]
         return IssuedCard(card, suggestion_ids, decision)
 
-    def _detail(self, decision: Decision, offered: list[Alternative]) -> str:
-        messages = self.policy.messages
+    def _detail(self, decision: Decision, offered: list[Alternative], buttons: bool, base_url: str) -> str:
+        policy = self.policy
+        messages = policy.messages
         notes = [messages[key] for key in (decision.plan.note, decision.chiropractic.note) if key]
-        alternatives = "\n".join(f"- {a.policy_text}" for a in self.policy.alternatives)
-        return self.policy.detail_template.safe_substitute(
+        return policy.detail_template.substitute(
             order=_markdown_text(_order_name(decision.order)),
-            number=self.policy.number,
-            revision_date=self.policy.revision_date,
-            url=self.policy.source["url"],
-            alternatives=alternatives,
-            advice=self._advice,
+            number=policy.number,
+            revision_date=policy.revision_date,
+            alternatives=policy.card["alternatives_offered"] if buttons else self._listed.substitute(
+                list="; ".join(a.card_text for a in offered)),
+            also_covered=self._also_covered,
             notes="".join(f"\n{note}\n" for note in notes),
+            policy_page_link=policy.card["policy_page_link"],
+            policy_page=f"{base_url.rstrip('/')}/policies/{policy.id}",
         )
 
     def _suggestion(self, alternative: Alternative, decision: Decision, base: dict[str, Any],
@@ -123,13 +139,13 @@ class CardBuilder:
         actions.append({
             "type": "create",
             "description": f"Add a draft order: {alternative.text}.",
-            "resource": self.replacement_order(alternative, base, next(ids)),
+            "resource": self.replacement_order(alternative, base, next(ids), self._fitting_reasons(alternative, order)),
         })
         return {"label": label, "uuid": next(ids), "actions": actions}
 
     def replacement_base(self, order: dict[str, Any], hook_request: HookRequest, now: datetime,
                          order_is_valid: bool = False) -> dict[str, Any]:
-        """What every replacement of `order` shares: same patient, visit, orderer, date and reason.
+        """What every replacement of `order` shares: same patient, visit, orderer and date.
 
         Copied from the draft where it is valid FHIR R4; validated once per order, so that each
         alternative only adds its (already validated) code.
@@ -153,15 +169,12 @@ class CardBuilder:
                 value = order.get(key)
                 if key in ("subject", "encounter", "requester"):
                     value = _reference(value)
-                elif key in ("insurance", "reasonReference"):
+                elif key == "insurance":
                     value = [v for v in _as_list(value) if _reference(v)] or None
                 elif not isinstance(value, str):
                     value = None
                 if value:
                     resource[key] = value
-            reasons = [r for r in _as_list(order.get("reasonCode")) if r.get("coding") or r.get("text")]
-            if reasons:
-                resource["reasonCode"] = reasons
         resource.setdefault("subject", {"reference": f"Patient/{hook_request.patient_id}"})
         if hook_request.encounter_id:
             resource.setdefault("encounter", {"reference": f"Encounter/{hook_request.encounter_id}"})
@@ -170,13 +183,38 @@ class CardBuilder:
         resource["note"] = [{"text": self._note}]
         return resource
 
+    def _fitting_reasons(self, alternative: Alternative, order: dict[str, Any]) -> list[dict[str, Any]]:
+        """The order's reasonCode concepts that support `alternative` (alternatives.json `reasons_that_fit`),
+        bounded in number and size, each cut to the codings that match (valid Codings by construction)."""
+        sets = [self._reason_sets[name] for name in alternative.reasons_that_fit]
+        reasons: list[dict[str, Any]] = []
+        for concept in _as_list(order.get("reasonCode"))[:MAX_REASONS_COPIED * 4]:
+            codings = [c for c in _as_list(concept.get("coding"))[:MAX_CODINGS_COPIED * 4]
+                       if _plain_code(c.get("code")) and any(s.matches({"coding": [c]}) for s in sets)]
+            if not codings:
+                continue
+            kept: dict[str, Any] = {"coding": [{k: c[k] for k in ("system", "code", "display")
+                                                if isinstance(c.get(k), str) and c[k].strip()}
+                                               for c in codings[:MAX_CODINGS_COPIED]]}
+            text = concept.get("text")
+            if isinstance(text, str) and text.strip() and len(text) <= MAX_REASON_TEXT:
+                kept["text"] = text
+            reasons.append(kept)
+            if len(reasons) == MAX_REASONS_COPIED:
+                break
+        return reasons
+
     @staticmethod
-    def replacement_order(alternative: Alternative, base: dict[str, Any], resource_id: str) -> dict[str, Any]:
-        return {
+    def replacement_order(alternative: Alternative, base: dict[str, Any], resource_id: str,
+                          reasons: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        resource = {
             **base,
             "id": resource_id,
             "code": {"coding": [dict(c) for c in alternative.codings], "text": alternative.text},
         }
+        if reasons:
+            resource["reasonCode"] = reasons
+        return resource
 
 
 def new_ids(count: int) -> Iterator[str]:
@@ -194,6 +232,11 @@ def new_ids(count: int) -> Iterator[str]:
             for i in range(0, 32 * count, 32))
 
 
+def _plain_code(code: Any) -> bool:
+    """A code short and plain enough to copy as a valid FHIR `code` (no whitespace)."""
+    return isinstance(code, str) and 0 < len(code) <= 40 and not any(ch.isspace() for ch in code)
+
+
 def _order_reference(order: dict[str, Any]) -> str | None:
     rid = order.get("id")
     return f"ServiceRequest/{rid}" if isinstance(rid, str) and rid else None
@@ -205,11 +248,13 @@ def _markdown_text(text: str) -> str:
 
 
 def _order_name(order: dict[str, Any]) -> str:
+    """The order's name as the clinician knows it, at most MAX_ORDER_NAME characters."""
+    name = "sacroplasty"
     code = order.get("code")
     if isinstance(code, dict):
-        if isinstance(code.get("text"), str):
-            return code["text"]
-        for coding in _as_list(code.get("coding")):
-            if isinstance(coding.get("code"), str):
-                return coding["code"]
-    return "sacroplasty"
+        if isinstance(code.get("text"), str) and code["text"].strip():
+            name = code["text"]
+        else:
+            name = next((c["code"] for c in _as_list(code.get("coding")) if isinstance(c.get("code"), str)), name)
+    name = " ".join(name[:MAX_ORDER_NAME * 4].split())
+    return name if len(name) <= MAX_ORDER_NAME else name[:MAX_ORDER_NAME - 1].rstrip() + "…"

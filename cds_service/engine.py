@@ -18,6 +18,7 @@ from .policy import Policy, load_policies
 from .store import Store
 
 HOOKS = ("order-select", "order-sign")
+DEFAULT_BASE_URL = "http://127.0.0.1:8080"  # `cds-service serve`'s own default address
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,8 @@ class Engine:
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
-        policies = load_policies(settings.cards_dir)
-        self.policy: Policy = policies[0]
+        self.policies = load_policies(settings.cards_dir)
+        self.policy: Policy = self.policies[0]
         self.detector = Detector(self.policy)
         self.cards = CardBuilder(self.policy)
         self.store = store
@@ -61,8 +62,13 @@ class Engine:
     def parse(self, service: Service, body: Any) -> HookRequest:
         return parse_hook_request(body, service.hook, self.settings.max_draft_orders)
 
-    def evaluate(self, service: Service, body: Any, now: datetime | None = None) -> dict[str, Any]:
-        """The response to one hook call. Raises ApiError for an invalid request."""
+    def evaluate(self, service: Service, body: Any, now: datetime | None = None,
+                 base_url: str | None = None) -> dict[str, Any]:
+        """The response to one hook call. Raises ApiError for an invalid request.
+
+        `base_url`: this service's public URL as the EHR reaches it (for the card's link to the policy page);
+        CDS_PUBLIC_URL when set, else what the caller passes (the request's own URL), else the default.
+        """
         hook_request = self.parse(service, body)
         kinds = crd.requested_kinds(hook_request.extension, self.policy)
         findings = find_sacroplasty(hook_request, self.detector)
@@ -73,7 +79,8 @@ class Engine:
         decisions = decide(findings, ctx, self.policy, now.date())
         # The CRD update first: when it validates a whole draft order, the card reuses that answer.
         actions = crd.coverage_actions(decisions, self.policy, now.date()) if kinds.coverage_info else []
-        issued = [self.cards.build(d, hook_request, now) for d in decisions] if kinds.alternatives else []
+        base_url = self.settings.public_url or base_url or DEFAULT_BASE_URL
+        issued = [self.cards.build(d, hook_request, now, base_url) for d in decisions] if kinds.alternatives else []
         self._record(service, hook_request, issued, now)
         response: dict[str, Any] = {"cards": [i.card for i in issued]}
         if actions:

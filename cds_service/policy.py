@@ -9,7 +9,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-POLICY_FILES = ("policy.json", "detection.json", "alternatives.json", "conditions.json", "detail.md")
+POLICY_FILES = ("policy.json", "detection.json", "alternatives.json", "conditions.json", "detail.md", "page.md")
 
 
 class PolicyError(Exception):
@@ -21,9 +21,20 @@ class Alternative:
     id: str
     label: str
     policy_text: str
+    card_text: str  # the policy's line, faithfully shortened for the card
     text: str
     codings: tuple[dict[str, str], ...]
     conditional: str | None = None
+    reasons_that_fit: tuple[str, ...] = ()  # conditions.json value sets whose reasonCode the created order copies
+
+
+@dataclass(frozen=True)
+class AlsoCovered:
+    """A covered alternative the card names but never orders with one click."""
+
+    id: str
+    policy_text: str
+    card_text: str
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: loaded once, rules compiled once per policy
@@ -45,8 +56,10 @@ class Policy:
     detection: dict[str, Any]
     conditions: dict[str, Any]
     alternatives: tuple[Alternative, ...]
-    advice: tuple[str, ...]
+    also_covered: tuple[AlsoCovered, ...]
+    history: tuple[str, ...]
     detail_template: Template
+    page_template: Template
 
     @property
     def identity(self) -> dict[str, str]:
@@ -81,7 +94,7 @@ def load_policy(folder: Path) -> Policy:
     meta = _read_json(folder / "policy.json")
     alternatives = _read_json(folder / "alternatives.json")
     try:
-        return Policy(
+        policy = Policy(
             id=meta["id"],
             number=meta["number"],
             title=meta["title"],
@@ -103,17 +116,29 @@ def load_policy(folder: Path) -> Policy:
                     id=a["id"],
                     label=a["label"],
                     policy_text=a["policy_text"],
+                    card_text=a["card_text"],
                     text=a["text"],
                     codings=tuple(a["codings"]),
                     conditional=a.get("conditional"),
+                    reasons_that_fit=tuple(a["reasons_that_fit"]),
                 )
                 for a in alternatives["orderable"]
             ),
-            advice=tuple(a["policy_text"] for a in alternatives["advice"]),
+            also_covered=tuple(
+                AlsoCovered(id=a["id"], policy_text=a["policy_text"], card_text=a["card_text"])
+                for a in alternatives["also_covered"]
+            ),
+            history=tuple(meta["history"]),
             detail_template=Template((folder / "detail.md").read_text(encoding="utf-8")),
+            page_template=Template((folder / "page.md").read_text(encoding="utf-8")),
         )
     except (KeyError, TypeError) as exc:
         raise PolicyError(f"{folder}: malformed policy data ({exc!r})") from exc
+    unknown = {name for a in policy.alternatives for name in a.reasons_that_fit} - set(policy.conditions)
+    if unknown:
+        raise PolicyError(f"{folder / 'alternatives.json'}: reasons_that_fit names no value set of "
+                          f"conditions.json: {', '.join(sorted(unknown))}")
+    return policy
 
 
 @lru_cache(maxsize=8)
