@@ -35,7 +35,9 @@ def test_evaluate_prints_the_api_response(client, name: str) -> None:
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     request = load_fixture(name)
-    answered = client.post(f"/cds-services/{SERVICE[request['hook']]}", json=request).get_json()
+    # evaluate links the policy page at serve's default address, as a served call at that address does
+    answered = client.post(f"/cds-services/{SERVICE[request['hook']]}", json=request,
+                           base_url="http://127.0.0.1:8080").get_json()
     assert _strip_ids(printed) == _strip_ids(answered)
 
 

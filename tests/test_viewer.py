@@ -191,11 +191,10 @@ def test_viewer_fires_the_sacroplasty_request_and_stores_the_override(browser, d
     assert page.text_content(".card .summary") == POLICY["card"]["summary"]
     labels = [b.text_content() for b in page.locator(".card button.suggestion").all()]
     assert labels == [s["label"] for s in card["suggestions"]] and len(labels) >= 2
-    # the detail's Markdown is rendered: bold, lists, an http(s) link; the source links to the policy
-    assert page.locator(".card .detail strong").count() >= 3
-    assert page.locator(".card .detail ul li").count() >= 8
+    # the detail's Markdown is rendered: bold, and the link to the policy page; the source links to the policy
+    assert page.locator(".card .detail strong").count() >= 2
     hrefs = [a.get_attribute("href") for a in page.locator(".card .detail a").all()]
-    assert hrefs and all(h.startswith("https://") for h in hrefs)
+    assert hrefs == [f"{dev_server.url}/policies/{POLICY['id']}"]
     assert page.get_attribute(".card .source a", "href") == card["source"]["url"]
     assert page.locator(".card .override-reason option").count() == len(card["overrideReasons"]) + 1
 
@@ -205,7 +204,7 @@ def test_viewer_fires_the_sacroplasty_request_and_stores_the_override(browser, d
 
     reason = card["overrideReasons"][1]
     page.select_option(".card .override-reason", label=reason["display"])
-    page.fill(".card .override-comment", "Metastatic lesion, oncology agrees")
+    page.fill(".card .override-comment", "Discussed with the patient; appeal to follow")
     page.click(".card .override-button")
     page.wait_for_selector(".card .feedback.sent, .card .feedback.failed")
     assert page.locator(".card .feedback.sent").count() == 1, page.text_content(".card .outcome")
@@ -218,7 +217,7 @@ def test_viewer_fires_the_sacroplasty_request_and_stores_the_override(browser, d
     assert row["outcome"] == "overridden"
     assert (row["override_system"], row["override_code"], row["override_display"]) == (
         reason["system"], reason["code"], reason["display"])
-    assert row["user_comment"] == "Metastatic lesion, oncology agrees"
+    assert row["user_comment"] == "Discussed with the patient; appeal to follow"
     assert tab.errors == []
 
 
