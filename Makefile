@@ -33,3 +33,16 @@ bench: install-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# axe-core (npm) for the accessibility tests, pinned by tests/a11y/package-lock.json. Without npm, or offline,
+# those tests skip (CI installs it itself and fails without it).
+A11Y := tests/a11y
+.PHONY: install-a11y
+test: install-a11y
+install-a11y:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(A11Y)/node_modules/.installed \
+	  || echo "npm ci failed: the accessibility tests will skip"; \
+	else echo "npm not found: the accessibility tests will skip"; fi
+$(A11Y)/node_modules/.installed: $(A11Y)/package.json $(A11Y)/package-lock.json
+	cd $(A11Y) && npm ci --no-audit --no-fund --silent
+	touch $@

@@ -337,7 +337,9 @@
     section.appendChild(list);
     var details = el("details");
     details.appendChild(el("summary", null, "Actions as JSON"));
-    details.appendChild(el("pre", "actions-json", JSON.stringify(actions, null, 2)));
+    var json = el("pre", "actions-json", JSON.stringify(actions, null, 2));
+    json.setAttribute("tabindex", "0"); // a scrolling box: reachable and scrollable from the keyboard
+    details.appendChild(json);
     section.appendChild(details);
     outcome.appendChild(section);
     if (!str(card.uuid) || !str(suggestion.uuid)) {
