@@ -127,8 +127,7 @@ def test_production_front_page(browser, production_url: str) -> None:
 
 def test_policy_page(browser, production_url: str) -> None:
     url = f"{production_url}/policies/{POLICY['id']}"
-    if requests.get(url, timeout=10).status_code == 404:  # to remove once the policy page is merged
-        pytest.skip(f"GET /policies/{POLICY['id']} is not served yet")
+    assert requests.get(url, timeout=10).status_code == 200
     assert_url_accessible(browser, url, f"the policy page (GET /policies/{POLICY['id']})")
 
 
