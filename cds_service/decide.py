@@ -10,7 +10,7 @@ from typing import Any
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from .detect import Detector, Match
-from .eligibility import ChiroStatus, PlanStatus, chiropractic_status, plan_status
+from .eligibility import ChiroStatus, PlanStatus, patient_chiropractic, plan_status
 from .hooks import HookRequest
 from .patient import PatientContext
 from .policy import Policy
@@ -63,5 +63,5 @@ def decide(findings: list[Finding], ctx: PatientContext, policy: Policy, today: 
     plan = plan_status(ctx, policy)
     if not plan.applies:
         return []
-    chiro = chiropractic_status(ctx, policy, today)
-    return [Decision(f.order, f.match, plan, chiro) for f in findings]
+    chiro = patient_chiropractic(ctx, policy, today)  # the patient's part once; each order adds its reasons
+    return [Decision(f.order, f.match, plan, chiro.for_order(f.order, policy)) for f in findings]

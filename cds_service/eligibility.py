@@ -5,14 +5,20 @@ recognised by an identifier in one of the payer's identifier systems (decisive e
 by name — the reference's display, or the name/alias of the Organization it points to (contained `#id`, or
 included in the coverage Bundle) — case-insensitively, as whole words ("Sandhills Center Tailored Plan" is
 Sandhills Center). The policy does not apply only when the patient has active Coverage and every payor of it
-is known to be someone else.
+is known to be someone else. Cost: linear in payors + contained resources (contained is indexed once).
 
-Chiropractic (policy: "in the first four weeks if there is no radiculopathy", value sets in conditions.json):
-offered when no active radiculopathy is recorded and an active back-pain / sacral-fracture problem started
-within the window. Onset is Condition.onsetDateTime, else onsetPeriod.start, else recordedDate (which can
-only prove "too late": a problem is recorded on or after it starts). When it cannot be told — conditions
-unknown, no such problem recorded, or no precise enough date — the suggestion is still offered, its label
-asks to confirm, and the card detail says what is missing.
+Chiropractic (policy: "in the first four weeks if there is no radiculopathy", value sets in conditions.json).
+The line comes from acute low back pain guidance, so the four weeks run from the onset of low back pain — never
+from a fracture. Per sacroplasty order, in this order:
+1. not offered when a contraindication to spinal manipulation is recorded — on an active Condition, or as the
+   order's own reason (reasonCode, or a Condition its reasonReference points to: contained in the order or in
+   the prefetched conditions). A sacroplasty ordered for a sacral fracture carries it on its face;
+2. not offered with a recorded radiculopathy (active Condition or the order's reason);
+3. offered when active low back pain started within the window; not offered when it started before.
+Onset is Condition.onsetDateTime, else onsetPeriod.start, else recordedDate (which can only prove "too late":
+a problem is recorded on or after it starts). When it cannot be told — conditions unknown, no low back pain
+recorded, or no precise enough date — the suggestion is still offered, its label asks to confirm (including the
+contraindication check), and the card detail says what is missing.
 """
 
 from __future__ import annotations
@@ -74,9 +80,14 @@ class PayerMatcher:
         return any(f" {n} " in padded for n in self.names)
 
     def payor(self, reference: dict[str, Any], coverage: dict[str, Any],
-              organizations: dict[str, dict[str, Any]]) -> bool | None:
-        """True: the payer; False: someone else; None: cannot tell (no identifier we know, no name)."""
-        organization = _resolve(reference.get("reference"), coverage, organizations)
+              organizations: dict[str, dict[str, Any]],
+              contained: dict[str, dict[str, Any]] | None = None) -> bool | None:
+        """True: the payer; False: someone else; None: cannot tell (no identifier we know, no name).
+        `contained`: the coverage's contained Organizations by id (`contained_organizations`), when the caller
+        has indexed them already."""
+        if contained is None:
+            contained = contained_organizations(coverage)
+        organization = _resolve(reference.get("reference"), contained, organizations)
         identifiers = [reference.get("identifier"), *_as_list(organization.get("identifier"))]
         known = [i for i in identifiers if isinstance(i, dict) and isinstance(i.get("system"), str)
                  and isinstance(i.get("value"), str) and i["system"] in self.systems]
@@ -89,20 +100,31 @@ class PayerMatcher:
         return any(self._named(n) for n in names)
 
     def coverage(self, coverage: dict[str, Any], organizations: dict[str, dict[str, Any]]) -> bool | None:
-        verdicts = [self.payor(p, coverage, organizations) for p in _as_list(coverage.get("payor"))
+        contained = contained_organizations(coverage)  # once per Coverage: payors × contained stays linear
+        verdicts = [self.payor(p, coverage, organizations, contained) for p in _as_list(coverage.get("payor"))
                     if isinstance(p, dict)]
         if any(v is True for v in verdicts):
             return True
         return False if verdicts and all(v is False for v in verdicts) else None
 
 
-def _resolve(reference: Any, coverage: dict[str, Any], organizations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def contained_organizations(coverage: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The Coverage's contained Organizations by id, read in one pass (the first of a repeated id wins)."""
+    found: dict[str, dict[str, Any]] = {}
+    for resource in _as_list(coverage.get("contained")):
+        if isinstance(resource, dict) and resource.get("resourceType") == "Organization" \
+                and isinstance(resource.get("id"), str):
+            found.setdefault(resource["id"], resource)
+    return found
+
+
+def _resolve(reference: Any, contained: dict[str, dict[str, Any]],
+             organizations: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The Organization a payor reference points to, when it came with the data; else {}."""
     if not isinstance(reference, str) or not reference:
         return {}
     if reference.startswith("#"):
-        return next((r for r in _as_list(coverage.get("contained")) if isinstance(r, dict)
-                     and r.get("resourceType") == "Organization" and r.get("id") == reference[1:]), {})
+        return contained.get(reference[1:], {})
     if reference in organizations:
         return organizations[reference]
     parts = reference.split("/_history/")[0].rstrip("/").split("/")
@@ -137,28 +159,53 @@ def _code_key(system: str, code: str) -> str:
     return code.replace(".", "") if system == ICD10CM else code
 
 
-class ValueSet:
-    """Codes from conditions.json; a code ending in '*' matches every code it starts (ICD-10-CM dots ignored)."""
+class CodeIndex:
+    """Codes from conditions.json, each with a label; a code ending in '*' matches every code it starts
+    (ICD-10-CM dots ignored). Looking a coding up costs one probe per distinct prefix length, whatever the
+    number of codes listed."""
 
-    def __init__(self, entries: Iterable[dict[str, Any]]) -> None:
-        self.exact: set[tuple[str, str]] = set()
-        self.prefixes: list[tuple[str, str]] = []
-        for entry in entries:
-            system, code = entry["system"], entry["code"]
-            if code.endswith("*"):
-                self.prefixes.append((system, _code_key(system, code[:-1])))
-            else:
-                self.exact.add((system, _code_key(system, code)))
+    def __init__(self, labelled: Iterable[tuple[Any, Iterable[dict[str, Any]]]]) -> None:
+        self.exact: dict[tuple[str, str], Any] = {}
+        self.prefixes: dict[tuple[str, str], Any] = {}
+        lengths: set[int] = set()
+        for label, entries in labelled:
+            for entry in entries:
+                system, code = entry["system"], entry["code"]
+                if code.endswith("*"):
+                    key = _code_key(system, code[:-1])
+                    self.prefixes.setdefault((system, key), label)
+                    lengths.add(len(key))
+                else:
+                    self.exact.setdefault((system, _code_key(system, code)), label)
+        self.lengths = sorted(lengths)
 
-    def matches(self, concept: Any) -> bool:
+    def labels(self, concept: Any) -> set[Any]:
+        """The labels of every coding of a CodeableConcept that is in the index."""
+        found: set[Any] = set()
         for coding in _as_list(concept.get("coding")) if isinstance(concept, dict) else []:
             if not isinstance(coding, dict) or not isinstance(coding.get("system"), str) \
                     or not isinstance(coding.get("code"), str):
                 continue
             system, code = coding["system"], _code_key(coding["system"], coding["code"])
-            if (system, code) in self.exact or any(s == system and code.startswith(p) for s, p in self.prefixes):
-                return True
-        return False
+            if (system, code) in self.exact:
+                found.add(self.exact[(system, code)])
+            for length in self.lengths:
+                if length > len(code):
+                    break
+                label = self.prefixes.get((system, code[:length]))
+                if label is not None:
+                    found.add(label)
+        return found
+
+
+class ValueSet(CodeIndex):
+    """One value set of conditions.json."""
+
+    def __init__(self, entries: Iterable[dict[str, Any]]) -> None:
+        super().__init__([(True, entries)])
+
+    def matches(self, concept: Any) -> bool:
+        return bool(self.labels(concept))
 
 
 def _codes(concept: Any) -> set[str]:
@@ -168,8 +215,12 @@ def _codes(concept: Any) -> set[str]:
 
 def is_active(condition: dict[str, Any]) -> bool:
     """clinicalStatus active / recurrence / relapse, and not entered-in-error or refuted."""
-    return bool(_codes(condition.get("clinicalStatus")) & ACTIVE_CLINICAL) \
-        and not _codes(condition.get("verificationStatus")) & NOT_CONFIRMED
+    return bool(_codes(condition.get("clinicalStatus")) & ACTIVE_CLINICAL) and not is_refuted(condition)
+
+
+def is_refuted(condition: dict[str, Any]) -> bool:
+    """verificationStatus entered-in-error or refuted: the record does not say the patient has it."""
+    return bool(_codes(condition.get("verificationStatus")) & NOT_CONFIRMED)
 
 
 def date_range(value: Any) -> tuple[date, date] | None:
@@ -203,28 +254,113 @@ def onset_window(condition: dict[str, Any], cutoff: date) -> str:
     return "unknown"
 
 
+RADICULOPATHY = "radiculopathy"
+
+
+@dataclass(frozen=True)
+class ChiroRules:
+    """conditions.json compiled once per policy: one index labels each code with its contraindication kind
+    (rank = position in the file, the first kind found is the one named) or RADICULOPATHY."""
+    index: CodeIndex
+    kinds: tuple[str, ...]
+    low_back_pain: ValueSet
+    window_days: int
+
+    def findings(self, concepts: Iterable[Any]) -> tuple[str | None, bool]:
+        """(the first contraindication kind, any radiculopathy) among CodeableConcepts."""
+        labels: set[Any] = set()
+        for concept in concepts:
+            labels |= self.index.labels(concept)
+        kinds = [k for k in self.kinds if k in labels]
+        return (kinds[0] if kinds else None), RADICULOPATHY in labels
+
+
 @lru_cache(maxsize=8)
-def _value_sets(policy: Policy) -> tuple[ValueSet, ValueSet]:
-    """The radiculopathy and back-problem value sets, compiled once per policy."""
-    return ValueSet(policy.conditions["radiculopathy"]), ValueSet(policy.conditions["back_problem"])
+def chiro_rules(policy: Policy) -> ChiroRules:
+    conditions = policy.conditions
+    contraindications = {k: v for k, v in conditions["contraindications"].items() if not k.startswith("_")}
+    index = CodeIndex([*((kind, value["codes"]) for kind, value in contraindications.items()),
+                       (RADICULOPATHY, conditions["radiculopathy"])])
+    return ChiroRules(index, tuple(contraindications), ValueSet(conditions["low_back_pain"]),
+                      int(conditions["onset_window_days"]))
 
 
-def chiropractic_status(ctx: PatientContext, policy: Policy, today: date) -> ChiroStatus:
+@dataclass(frozen=True)
+class PatientChiro:
+    """The patient-level part of the chiropractic rule, computed once per call; `for_order` adds each
+    sacroplasty order's own reasons."""
+    contraindication: str | None  # kind recorded on an active Condition
+    radiculopathy: bool
+    status: ChiroStatus  # the answer when no contraindication or radiculopathy is recorded
+    conditions_by_reference: dict[str, dict[str, Any]]  # "Condition/<id>" → Condition, for reasonReference
+
+    def for_order(self, order: dict[str, Any] | None, policy: Policy) -> ChiroStatus:
+        rules = chiro_rules(policy)
+        kind, radiculopathy = rules.findings(order_reasons(order, self.conditions_by_reference)) \
+            if isinstance(order, dict) else (None, False)
+        ranked = [k for k in rules.kinds if k in (kind, self.contraindication)]
+        if ranked:
+            return ChiroStatus(False, f"chiro_contraindicated_{ranked[0]}")
+        if radiculopathy or self.radiculopathy:
+            return ChiroStatus(False, "chiro_radiculopathy")
+        return self.status
+
+
+def order_reasons(order: dict[str, Any], conditions_by_reference: dict[str, dict[str, Any]]) -> list[Any]:
+    """The order's reasonCode concepts, and the codes of the Conditions its reasonReference points to that
+    came with the call (contained in the order, or in the prefetched conditions); refuted ones are ignored."""
+    concepts = _one_or_many(order.get("reasonCode"))  # a lone object is read too, as the hook parser allows
+    references = [r.get("reference") for r in _one_or_many(order.get("reasonReference")) if isinstance(r, dict)]
+    references = [r for r in references if isinstance(r, str) and r]
+    if not references:
+        return concepts
+    contained = {r["id"]: r for r in _as_list(order.get("contained")) if isinstance(r, dict)
+                 and r.get("resourceType") == "Condition" and isinstance(r.get("id"), str)}
+    for reference in references:
+        condition = contained.get(reference[1:]) if reference.startswith("#") \
+            else conditions_by_reference.get(_local_reference(reference))
+        if condition is not None and not is_refuted(condition):
+            concepts.append(condition.get("code"))
+    return concepts
+
+
+def _one_or_many(value: Any) -> list[Any]:
+    return [value] if isinstance(value, dict) else list(_as_list(value))
+
+
+def _local_reference(reference: str) -> str:
+    """'Condition/<id>' from a relative or absolute reference (a version suffix dropped)."""
+    parts = reference.split("/_history/")[0].rstrip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 2 else reference
+
+
+def patient_chiropractic(ctx: PatientContext, policy: Policy, today: date) -> PatientChiro:
+    """What the patient's conditions say about chiropractic, before any order's reasons are read."""
     messages = policy.messages
     if ctx.conditions is None or "conditions" in ctx.unavailable:
-        return ChiroStatus(True, "chiro_unknown", messages["chiro_label_unknown"])
-    rules = policy.conditions
-    active = [c for c in ctx.conditions if is_active(c)]
-    radiculopathy, back_problem = _value_sets(policy)
-    if any(radiculopathy.matches(c.get("code")) for c in active):
-        return ChiroStatus(False, "chiro_radiculopathy")
-    problems = [c for c in active if back_problem.matches(c.get("code"))]
-    if not problems:
-        return ChiroStatus(True, "chiro_no_problem", messages["chiro_label_onset_unknown"])
-    cutoff = today - timedelta(days=int(rules["onset_window_days"]))
-    windows = {onset_window(c, cutoff) for c in problems}
-    if "within" in windows:
-        return ChiroStatus(True, "chiro_offered")
-    if "unknown" in windows:
-        return ChiroStatus(True, "chiro_onset_unknown", messages["chiro_label_onset_unknown"])
-    return ChiroStatus(False, "chiro_too_late")
+        return PatientChiro(None, False, ChiroStatus(True, "chiro_unknown", messages["chiro_label_unknown"]), {})
+    rules = chiro_rules(policy)
+    by_reference = {f"Condition/{c['id']}": c for c in ctx.conditions
+                    if isinstance(c, dict) and isinstance(c.get("id"), str)}
+    active = [c for c in ctx.conditions if isinstance(c, dict) and is_active(c)]
+    kind, radiculopathy = rules.findings(c.get("code") for c in active)
+    back_pain = [c for c in active if rules.low_back_pain.matches(c.get("code"))]
+    if not back_pain:
+        status = ChiroStatus(True, "chiro_no_problem", messages["chiro_label_onset_unknown"])
+    else:
+        cutoff = today - timedelta(days=rules.window_days)
+        windows = {onset_window(c, cutoff) for c in back_pain}
+        if "within" in windows:
+            status = ChiroStatus(True, "chiro_offered")
+        elif "unknown" in windows:
+            status = ChiroStatus(True, "chiro_onset_unknown", messages["chiro_label_onset_unknown"])
+        else:
+            status = ChiroStatus(False, "chiro_too_late")
+    return PatientChiro(kind, radiculopathy, status, by_reference)
+
+
+def chiropractic_status(ctx: PatientContext, policy: Policy, today: date,
+                        order: dict[str, Any] | None = None) -> ChiroStatus:
+    """May chiropractic manipulation be offered instead of this sacroplasty order? (For many orders of one call,
+    compute `patient_chiropractic` once and call its `for_order`.)"""
+    return patient_chiropractic(ctx, policy, today).for_order(order, policy)

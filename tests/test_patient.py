@@ -40,7 +40,7 @@ def test_present_keys_are_used() -> None:
     ctx = from_prefetch(request_with(member_prefetch()))
     assert ctx.patient["id"] == "pt-sh-1001"
     assert [c["id"] for c in ctx.coverages] == ["cov-sh-1001"]
-    assert [c["code"]["coding"][0]["code"] for c in ctx.conditions] == ["S32.10XA"]
+    assert [c["code"]["coding"][0]["code"] for c in ctx.conditions] == ["M54.50"]
     assert ctx.unavailable == frozenset()
     assert ctx.organizations["Organization/org-sandhills"]["name"] == "Sandhills Center"
     assert ctx.organizations["https://ehr.example.org/fhir/R4/Organization/org-sandhills"]["name"]
