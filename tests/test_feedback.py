@@ -398,3 +398,28 @@ def test_several_processes_post_feedback_at_once(start_server, server_database_u
         time.sleep(0.05)
     assert count(server_database_url, cards_issued) == processes * rounds
     assert len({r["card_uuid"] for r in stored}) == processes * rounds
+
+
+def test_real_server_one_unstorable_card_record_does_not_stop_the_writer(start_server, server_database_url) -> None:
+    """Issue 13, finding 4, against the real server: an order text of "sacral" + 300 spaces + "augmentation"
+    gave a card whose evidence overflowed its column on PostgreSQL; the worker's writer retried it forever,
+    the card records queued behind it were never stored and feedback about them found no card."""
+    server = start_server(env={"CDS_DATABASE_URL": server_database_url}, workers=1)  # one writer for all calls
+    poison = load_fixture("order-select-sacroplasty-text.json")
+    order = poison["context"]["draftOrders"]["entry"][0]["resource"]
+    order["code"]["text"] = "sacral" + " " * 300 + "augmentation"
+    with requests.Session() as session:
+        answer = session.post(f"{server.url}/cds-services/{SERVICE}", json=poison, timeout=10)
+        assert answer.status_code == 200
+        cards = []
+        for _ in range(3):
+            hook = session.post(f"{server.url}/cds-services/{SERVICE}", json=load_fixture(HOOK), timeout=10)
+            assert hook.status_code == 200
+            cards.append(hook.json()["cards"][0])
+        response = session.post(server.url + FEEDBACK_URL, json={"feedback": [accepted(c) for c in cards]},
+                                timeout=30)
+    assert response.status_code == 200 and response.json()["stored"] == 3
+    stored = rows(server_database_url)
+    assert len(stored) == 3 and all(r["known_card"] for r in stored)  # the cards were recorded, and found
+    issued = {r["card_uuid"] for r in rows(server_database_url, cards_issued)}
+    assert {c["uuid"] for c in cards} <= issued
