@@ -20,6 +20,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 
 from .conformance import Conformance, check_response
+from .safetext import printable
 from .signing import (
     ALGORITHMS, UsageError, algorithm_for, generate_key, load_private_key, make_token, public_jwk, read_file,
 )
@@ -28,9 +29,16 @@ DEFAULT_KEY_FILE = "cds-client-key.pem"
 
 
 # ----- printing --------------------------------------------------------------------------------------
+# Everything printed from the other service's answer goes through printable(): a hostile service must not
+# move the cursor, set the terminal's title, clear the screen or fake a line of this command's output.
+
+def _raw(value: Any) -> str:
+    return value if isinstance(value, str) else ("" if value is None else json.dumps(value))
+
 
 def _s(value: Any) -> str:
-    return value if isinstance(value, str) else ("" if value is None else json.dumps(value))
+    """A value of the answer as one line of safe text."""
+    return printable(_raw(value))
 
 
 def _list(value: Any) -> list[Any]:
@@ -61,10 +69,12 @@ def describe_action(action: Any) -> str:
 
 
 def _wrap(text: str, indent: str, width: int = 100) -> list[str]:
+    """`text` wrapped at `width`, its own line breaks kept and every line made safe for a terminal."""
     lines = []
     for line in text.splitlines() or [""]:
-        lines.extend(textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=" " * (len(indent) + 2),
-                                   break_long_words=False, break_on_hyphens=False) or [""])
+        lines.extend(textwrap.wrap(printable(line), width, initial_indent=indent,
+                                   subsequent_indent=" " * (len(indent) + 2), break_long_words=False,
+                                   break_on_hyphens=False) or [""])
     return lines
 
 
@@ -81,7 +91,7 @@ def format_cards(data: Any) -> str:
             out.append(f"  Source: {_s(source.get('label'))}{url}")
         if card.get("detail"):
             out.append("  Detail:")
-            out.extend(_wrap(_s(card["detail"]), "    "))
+            out.extend(_wrap(_raw(card["detail"]), "    "))
         suggestions = _list(card.get("suggestions"))
         if suggestions:
             how = "choose any" if card.get("selectionBehavior") == "any" else "choose at most one"
@@ -167,15 +177,15 @@ def call(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot reach {args.url}: {why}") from None
     millis = (time.perf_counter() - started) * 1000
     text = response.text
-    if args.json:
-        print(text)
+    if args.json:  # the body as sent, but for characters that would act on the terminal (JSON stays JSON)
+        print(printable(text.replace("\r\n", "\n"), keep="\n\t"))
     try:
         data, is_json = response.json(), True
     except ValueError:
         data, is_json = None, False
     head = f"POST {args.url} -> HTTP {response.status_code} in {millis:.0f} ms"
     if response.status_code != 200:
-        detail = _dict(data).get("message") or text[:300].strip() or response.reason
+        detail = _s(_dict(data).get("message") or text[:300].strip() or response.reason)
         print(f"{head}: {detail}", file=sys.stderr if args.json else sys.stdout)
         print(f"error: the service did not answer 200 OK (HTTP {response.status_code})", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from .safetext import printable
+
 INDICATORS = ("info", "warning", "critical")
 SELECTION_BEHAVIORS = ("at-most-one", "any")
 ACTION_TYPES = ("create", "update", "delete")
@@ -18,7 +20,7 @@ SUMMARY_LIMIT = 140  # "<140-character summary"
 class Conformance:
     """What is wrong (problems: breaks a SHALL/REQUIRED rule) and what is merely unwise (notes: SHOULD)."""
 
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # safe to print: control characters are escaped
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -43,10 +45,10 @@ class _Checker:
         self.uuids: dict[str, str] = {}
 
     def problem(self, path: str, message: str) -> None:
-        self.result.problems.append(f"{path}: {message}")
+        self.result.problems.append(printable(f"{path}: {message}"))  # a path holds the answer's own keys
 
     def note(self, path: str, message: str) -> None:
-        self.result.notes.append(f"{path}: {message}")
+        self.result.notes.append(printable(f"{path}: {message}"))
 
     def no_empty(self, obj: dict[str, Any], path: str) -> None:
         """CDS Hooks 2.0 "Use of JSON": values SHALL NOT be null or empty; omit optional fields instead."""

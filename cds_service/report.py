@@ -6,6 +6,13 @@ total and per policy version, as a terminal table, CSV, JSON, or one self-contai
 
 Rates are shares of the feedback received (a card nobody acted on is never reported by the EHR).
 Days are UTC days: cards by the time they were issued, feedback by its outcomeTimestamp.
+
+Per-day figures cover only what can be drawn honestly, in bounded time and size: records dated inside the
+window feedback accepts (from 2000-01-01 to a day after the report is made), and at most MAX_REPORT_DAYS
+days, the latest ones. Records outside are counted in the totals and named in a note, not drawn.
+
+Text that came from clients (override reason codes and displays) is made safe for each output: HTML is
+escaped, CSV cells cannot run as spreadsheet formulas, the table shows control characters as escapes.
 """
 
 from __future__ import annotations
@@ -26,11 +33,14 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from .config import PACKAGE_DIR, Settings
+from .feedback import timestamp_window
+from .safetext import csv_cell, printable
 from .store import as_utc, cards_issued, feedback, make_engine, safe_url
 
 FORMATS = ("table", "csv", "json", "html")
 UNKNOWN_VERSION = "unknown"  # feedback about a card this database has no record of
 UNKNOWN_SUGGESTION = "(unknown suggestion)"
+MAX_REPORT_DAYS = 3 * 366  # the longest period shown per day (the latest days are kept)
 
 
 @dataclass
@@ -77,12 +87,43 @@ class Report:
     by_version: dict[str, Figures] = field(default_factory=dict)
     by_day: dict[date, Day] = field(default_factory=dict)
     reason_displays: dict[str, str] = field(default_factory=dict)  # reason code → display
+    outside_window: int = 0  # records dated outside the accepted window: in the totals, not per day
+    cut_before: date | None = None  # days before this were left out of the per-day figures (too long a period)
+    cut_records: int = 0  # records on those days
 
     def version(self, version: str | None) -> Figures:
         return self.by_version.setdefault(version or UNKNOWN_VERSION, Figures())
 
     def day(self, moment: datetime) -> Day:
-        return self.by_day.setdefault(as_utc(moment).date(), Day())
+        """The per-day counts of `moment`'s UTC day; a throwaway Day when it lies outside the window."""
+        moment = as_utc(moment)
+        earliest, latest = timestamp_window(self.generated_at)
+        if not earliest <= moment <= latest:
+            self.outside_window += 1
+            return Day()
+        return self.by_day.setdefault(moment.date(), Day())
+
+    def bound_days(self) -> None:
+        """Keep the latest MAX_REPORT_DAYS days of by_day; count the records of the days left out."""
+        if self.by_day and (max(self.by_day) - min(self.by_day)).days >= MAX_REPORT_DAYS:
+            self.cut_before = max(self.by_day) - timedelta(days=MAX_REPORT_DAYS - 1)
+            for day in [d for d in self.by_day if d < self.cut_before]:
+                counts = self.by_day.pop(day)
+                self.cut_records += counts.cards_issued + counts.accepted + counts.overridden
+
+    def day_note(self) -> str | None:
+        """Why some records are in the totals but not in the per-day figures, or None when all are."""
+        notes = []
+        if self.outside_window:
+            earliest, latest = timestamp_window(self.generated_at)
+            notes.append(f"{self.outside_window} record(s) dated before {earliest.date().isoformat()} or after "
+                         f"{latest.date().isoformat()}")
+        if self.cut_before is not None:
+            notes.append(f"{self.cut_records} record(s) dated before {self.cut_before.isoformat()} (per-day "
+                         f"figures cover at most {MAX_REPORT_DAYS} days, the latest)")
+        if not notes:
+            return None
+        return "Not shown per day, but counted in the totals: " + "; ".join(notes) + "."
 
     def as_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"generated_at": self.generated_at.isoformat(timespec="seconds")}
@@ -91,6 +132,9 @@ class Report:
         body.update(self.total.as_dict())
         body["by_policy_version"] = {v: f.as_dict() for v, f in sorted(self.by_version.items())}
         body["by_day"] = {d.isoformat(): vars(counts).copy() for d, counts in sorted(self.by_day.items())}
+        note = self.day_note()
+        if note:
+            body["by_day_note"] = note
         return body
 
 
@@ -169,6 +213,7 @@ def gather(conn: Connection, labels: PolicyLabels, since: datetime | None = None
                     figures.overridden_without_reason += 1
             if row.override_code and row.override_display:
                 report.reason_displays.setdefault(row.override_code, row.override_display)
+    report.bound_days()
     return report
 
 
@@ -187,13 +232,13 @@ def _table_section(title: str, figures: Figures, displays: dict[str, str]) -> li
     lines.append(f"  {'Overridden':<22}{figures.overridden:>8}  ({_percent(figures.rate(figures.overridden))} "
                  "of feedback)")
     lines.append("  Alternatives chosen:")
-    chosen = _ranked(figures.accepted_suggestions)
+    chosen = [(printable(label), count) for label, count in _ranked(figures.accepted_suggestions)]
     width = max([len(label) for label, _ in chosen] + [10])
     lines.extend(f"    {label:<{width}}  {count:>6}" for label, count in chosen)
     if not chosen:
         lines.append("    (none)")
     lines.append("  Override reasons:")
-    reasons = [(f"{code} ({displays[code]})" if code in displays else code, count)
+    reasons = [(printable(f"{code} ({displays[code]})" if code in displays else code), count)
                for code, count in _ranked(figures.override_reasons)]
     if figures.overridden_without_reason:
         reasons.append(("no reason given", figures.overridden_without_reason))
@@ -205,15 +250,20 @@ def _table_section(title: str, figures: Figures, displays: dict[str, str]) -> li
 
 
 def render_table(report: Report) -> str:
+    """Plain text for a terminal; every line is made printable (client text may hold escape sequences)."""
     period = f"since {report.since.isoformat()}" if report.since else "all records"
     lines = ["Sacroplasty coverage cards: how clinicians answered",
              f"Period: {period} (UTC); generated {report.generated_at.isoformat(timespec='seconds')}",
-             "Rates are shares of the feedback received.", ""]
+             "Rates are shares of the feedback received."]
+    note = report.day_note()
+    if note:
+        lines.append(note)
+    lines.append("")
     lines += _table_section("All policy versions", report.total, report.reason_displays)
     for version, figures in sorted(report.by_version.items()):
         lines.append("")
         lines += _table_section(f"Policy version {version}", figures, report.reason_displays)
-    return "\n".join(lines) + "\n"
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 def _csv_rows(scope: str, figures: Figures) -> Iterable[list[Any]]:
@@ -230,16 +280,23 @@ def _csv_rows(scope: str, figures: Figures) -> Iterable[list[Any]]:
 
 
 def render_csv(report: Report) -> str:
-    """Tidy rows: policy_version (all = every version), day (UTC, daily rows only), metric, category, value."""
+    """Tidy rows: policy_version (all = every version), day (UTC, daily rows only), metric, category, value.
+
+    Text cells (policy_version, category: reason codes and labels come from clients) go through csv_cell,
+    so none starts a formula, and are always quoted (a carriage return inside one cannot end the row);
+    values are numbers and stay bare numbers."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     writer.writerow(["policy_version", "day", "metric", "category", "value"])
-    writer.writerows(_csv_rows("all", report.total))
-    for version, figures in sorted(report.by_version.items()):
-        writer.writerows(_csv_rows(version, figures))
+    rows: list[Iterable[list[Any]]] = [_csv_rows("all", report.total)]
+    rows += [_csv_rows(version, figures) for version, figures in sorted(report.by_version.items())]
+    for row_set in rows:
+        writer.writerows([csv_cell(cell) for cell in row] for row in row_set)
     for day, counts in sorted(report.by_day.items()):
         for metric, value in vars(counts).items():
             writer.writerow(["all", day.isoformat(), metric, "", value])
+    if report.outside_window or report.cut_records:
+        writer.writerow(["all", "", "records_not_shown_per_day", "", report.outside_window + report.cut_records])
     return out.getvalue()
 
 
@@ -279,9 +336,11 @@ def _buckets(by_day: dict[date, Day]) -> tuple[str, dict[date, Day]]:
 
 def day_chart(by_day: dict[date, Day]) -> dict[str, Any] | None:
     """Stacked accepted / overridden bars per UTC day (per week over long periods; gaps filled) with
-    cards issued as a line."""
+    cards issued as a line. Draws at most the latest MAX_REPORT_DAYS days (Report.bound_days says so)."""
     if not by_day:
         return None
+    latest = max(by_day)
+    by_day = {d: c for d, c in by_day.items() if (latest - d).days < MAX_REPORT_DAYS}
     unit, by_day = _buckets(by_day)
     step = 1 if unit == "day" else 7
     first, last = min(by_day), max(by_day)

@@ -24,8 +24,11 @@ from sqlalchemy import (
     select, text, update,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError, StatementError,
+)
 
+from .safetext import printable
 from .writer import GroupWriter, Job
 
 log = logging.getLogger(__name__)
@@ -94,11 +97,98 @@ seen_jti = Table(
 
 class StoreUnavailable(Exception):
     """The database cannot be reached or refused the operation. `retryable`: the same write may succeed
-    later (the database was down or busy), as opposed to a write it refused (a constraint)."""
+    later (the database was down or busy), as opposed to a record it can never hold (InvalidRecord)."""
 
     def __init__(self, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class InvalidRecord(StoreUnavailable):
+    """A record the database can never hold: a permanent error for that record, never worth a retry.
+
+    `column` is the column at fault ("-" when the database did not say), `reason` one of REASONS.
+    The message names the table, column and reason only, never the value (it may be patient data)."""
+
+    def __init__(self, table: str, column: str, reason: str, index: int | None = None) -> None:
+        super().__init__(f"{table}.{column}: {reason}", retryable=False)
+        self.table, self.column, self.reason, self.index = table, column, reason, index
+
+
+# Why a record cannot be stored (the reason categories logged and counted).
+TOO_LONG = "too_long"                # longer than its column
+NUL_CHARACTER = "nul_character"      # PostgreSQL text cannot hold U+0000
+UNENCODABLE = "unencodable_text"     # an unpaired surrogate: not valid UTF-8
+BAD_TYPE = "bad_type"                # not the column's type
+MISSING = "missing_value"            # NULL in a NOT NULL column
+CONSTRAINT = "constraint_violation"  # found by the database (unique, not null, check)
+REFUSED = "refused_by_database"      # a value the database refused (found by the database)
+REASONS = (TOO_LONG, NUL_CHARACTER, UNENCODABLE, BAD_TYPE, MISSING, CONSTRAINT, REFUSED)
+
+
+def _value_problem(column: Column, value: Any) -> str | None:
+    """Why `value` cannot go into `column` (its type and length from the table definition), or None."""
+    if value is None:
+        return None if column.nullable else MISSING
+    kind = column.type
+    if isinstance(kind, String):  # Text included (a String without a length)
+        if not isinstance(value, str):
+            return BAD_TYPE
+        if kind.length is not None and len(value) > kind.length:
+            return TOO_LONG
+        if "\x00" in value:
+            return NUL_CHARACTER
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return UNENCODABLE
+        return None
+    if isinstance(kind, DateTime):
+        return None if isinstance(value, datetime) else BAD_TYPE
+    if isinstance(kind, Boolean):
+        return None if isinstance(value, bool) else BAD_TYPE
+    if isinstance(kind, Integer):
+        return None if isinstance(value, int) and not isinstance(value, bool) else BAD_TYPE
+    return None
+
+
+def check_record(table: Table, row: dict[str, Any], index: int | None = None) -> dict[str, Any]:
+    """`row` with exactly the columns of `table` (absent nullable ones as None), checked against the table's
+    column types and lengths before it goes near the database. Raises InvalidRecord for the first problem."""
+    checked = {}
+    for column in table.columns:
+        value = row.get(column.name)
+        if value is None and column.primary_key and isinstance(column.type, Integer):
+            continue  # assigned by the database
+        reason = _value_problem(column, value)
+        if reason is not None:
+            raise InvalidRecord(table.name, column.name, reason, index)
+        checked[column.name] = value
+    return checked
+
+
+def _permanent(exc: BaseException) -> str | None:
+    """The reason category when `exc` says the data can never be written (retrying cannot help), else None
+    (a connection-level failure: the same write may succeed later)."""
+    if isinstance(exc, InvalidRecord):
+        return exc.reason
+    if isinstance(exc, IntegrityError):
+        return CONSTRAINT
+    if isinstance(exc, DataError):
+        return REFUSED
+    if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError):
+        return BAD_TYPE  # SQLAlchemy could not bind the value (it never reached the database)
+    if isinstance(exc, UnicodeError):
+        return UNENCODABLE
+    if isinstance(exc, (TypeError, ValueError)):
+        return BAD_TYPE
+    return None
+
+
+def _log_id(value: Any, limit: int = 80) -> str:
+    """A client-chosen id made safe for one log line: cut to `limit`, control characters escaped."""
+    return printable(value[:limit]) if isinstance(value, str) else "-"
 
 
 class _SchemaTooNew(Exception):
@@ -171,11 +261,15 @@ class Store:
         if time.monotonic() < self._down_until:
             raise StoreUnavailable("database unreachable a moment ago; not retried yet")
 
-    def _unavailable(self, exc: SQLAlchemyError) -> StoreUnavailable:
-        """Translate a database error; after a connection failure, fail fast for a short while."""
+    def _unavailable(self, exc: SQLAlchemyError, table: Table | None = None) -> StoreUnavailable:
+        """Translate a database error: InvalidRecord when the data is at fault (permanent), else
+        StoreUnavailable (retryable); after a connection failure, fail fast for a short while."""
         if isinstance(exc, (OperationalError, InterfaceError)) and "locked" not in str(exc.orig):
             self._down_until = time.monotonic() + RETRY_AFTER_SECONDS
-        return StoreUnavailable(type(exc).__name__, retryable=not isinstance(exc, IntegrityError))
+        reason = _permanent(exc)
+        if reason is not None:
+            return InvalidRecord(table.name if table is not None else "-", "-", reason)
+        return StoreUnavailable(type(exc).__name__)
 
     # --- schema -----------------------------------------------------------------------------------------
 
@@ -241,6 +335,7 @@ class Store:
     # --- writes -----------------------------------------------------------------------------------------
 
     def _write(self, table: Table, rows: list[dict[str, Any]]) -> None:
+        """Insert `rows` in one transaction. Raises InvalidRecord (the data is at fault) or StoreUnavailable."""
         if not rows:
             return
         self.ensure_schema()
@@ -249,7 +344,21 @@ class Store:
             with self.engine.begin() as conn:
                 conn.execute(insert(table), rows)
         except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc, table) from exc
+        except (TypeError, ValueError) as exc:  # a driver refusing a value before it reached the database
+            raise InvalidRecord(table.name, "-", _permanent(exc) or BAD_TYPE) from exc
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """This process's writer counters (see GroupWriter.stats): dropped_invalid counts the card records
+        refused for good because the database could never hold them."""
+        return self._writer.stats
+
+    def _drop(self, row: dict[str, Any], error: InvalidRecord) -> None:
+        """Give up on one card record for good: logged without its values, counted."""
+        self._writer.count("dropped_invalid")
+        log.error("card record not stored, permanently (not retried): hookInstance=%s table=%s column=%s "
+                  "reason=%s", _log_id(row.get("hook_instance")), error.table, error.column, error.reason)
 
     def record_cards(self, rows: Iterable[dict[str, Any]]) -> None:
         """Queue issued cards for the writer: dicts with the columns of cards_issued (suggestions as a dict).
@@ -257,17 +366,32 @@ class Store:
         Returns at once and never raises: the hook call that issued the cards does not wait for the
         database. While the database is down the rows are kept and written when it is back (see writer.py).
         """
-        prepared = [
-            {**row, "issued_at": as_utc(row["issued_at"]), "suggestions": json.dumps(row["suggestions"],
-                                                                                    sort_keys=True)}
-            for row in rows
-        ]
+        prepared = []
+        for row in rows:
+            try:
+                prepared.append(check_record(cards_issued, self._prepare_card(row)))
+            except InvalidRecord as exc:  # checked here, against the column lengths, not found by the database
+                self._drop(row, exc)
         if prepared:
             self._writer.submit(prepared)
 
+    @staticmethod
+    def _prepare_card(row: dict[str, Any]) -> dict[str, Any]:
+        """The row as stored: issued_at in UTC, suggestions as JSON. Raises InvalidRecord for bad types."""
+        prepared = dict(row)
+        for name, convert in (("issued_at", as_utc), ("suggestions", lambda v: json.dumps(v, sort_keys=True))):
+            try:
+                prepared[name] = convert(row[name])
+            except (KeyError, AttributeError, TypeError, ValueError, OverflowError):
+                raise InvalidRecord(cards_issued.name, name, MISSING if row.get(name) is None else BAD_TYPE
+                                    ) from None
+        return prepared
+
     def remember_jti(self, iss: str, jti: str, expires_at: datetime) -> bool:
-        """True the first time (iss, jti) is seen; False for a replay. Raises StoreUnavailable."""
+        """True the first time (iss, jti) is seen; False for a replay. Raises StoreUnavailable, or its
+        subclass InvalidRecord for an id the table cannot hold (checked here, so it never fails a batch)."""
         self._check_available()
+        check_record(seen_jti, {"iss": iss, "jti": jti, "expires_at": expires_at})
         job = self._writer.submit((iss, jti, as_utc(expires_at)), waited=True)
         try:
             return bool(job.wait(JTI_WAIT_SECONDS))
@@ -297,12 +421,31 @@ class Store:
             return []
         try:
             self._write(cards_issued, [row for job in cards for row in job.payload])
+        except InvalidRecord:
+            return self._write_one_by_one(cards)  # find the bad record(s); store all the others
         except StoreUnavailable as exc:
             rows = sum(len(job.payload) for job in cards)
-            if exc.retryable:
-                log.warning("database unavailable (%s): %d card record(s) kept for a later try", exc, rows)
-                return cards
-            log.error("database refused %d card record(s) (%s); not recorded", rows, exc)
+            log.warning("database unavailable (%s): %d card record(s) kept for a later try", exc, rows)
+            return cards
+        return []
+
+    def _write_one_by_one(self, cards: Sequence[Job]) -> list[Job]:
+        """After a batch was refused for its data: each record in a transaction of its own, dropping only those
+        the database refuses. Returns the jobs (holding their unwritten records) to try again later when the
+        database goes away meanwhile."""
+        for position, job in enumerate(cards):
+            rows = list(job.payload)
+            for index, row in enumerate(rows):
+                try:
+                    self._write(cards_issued, [row])
+                except InvalidRecord as exc:
+                    self._drop(row, exc)
+                except StoreUnavailable as exc:
+                    job.payload = rows[index:]
+                    again = list(cards[position:])
+                    log.warning("database unavailable (%s): %d card record(s) kept for a later try", exc,
+                                sum(len(j.payload) for j in again))
+                    return again
         return []
 
     def _check_jtis(self, checks: Sequence[Job]) -> None:
@@ -340,24 +483,35 @@ class Store:
 
         Rows: the columns of `feedback` except id and fingerprint, accepted_suggestions as a list.
         An entry identical to one already stored (a client retry) is skipped, not duplicated.
+        Raises InvalidRecord (with the index of the entry) when a value cannot be stored, whatever the
+        database: checked against the column types and lengths first; StoreUnavailable when the database is.
         """
         if not rows:
             return 0
         self.ensure_schema()
         self._check_available()
-        prepared = [{**row, "outcome_timestamp": as_utc(row["outcome_timestamp"]),
-                     "received_at": as_utc(row["received_at"]), "fingerprint": feedback_fingerprint(row),
-                     "accepted_suggestions": json.dumps(list(row["accepted_suggestions"]))} for row in rows]
+        prepared = [check_record(feedback, self._prepare_feedback(index, row), index)
+                    for index, row in enumerate(rows)]
         try:
-            return self._insert_feedback(prepared)
-        except IntegrityError:
-            pass  # databases without ON CONFLICT: a concurrent copy of an entry won; a second pass skips it
+            try:
+                return self._insert_feedback(prepared)
+            except IntegrityError:
+                # databases without ON CONFLICT: a concurrent copy of an entry won; a second pass skips it
+                return self._insert_feedback(prepared)
         except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc, feedback) from exc
+        except (TypeError, ValueError) as exc:  # a driver refusing a value before it reached the database
+            raise InvalidRecord(feedback.name, "-", _permanent(exc) or BAD_TYPE) from exc
+
+    @staticmethod
+    def _prepare_feedback(index: int, row: dict[str, Any]) -> dict[str, Any]:
+        """The row as stored (times in UTC, suggestions as JSON, its fingerprint). Raises InvalidRecord."""
         try:
-            return self._insert_feedback(prepared)
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from exc
+            return {**row, "outcome_timestamp": as_utc(row["outcome_timestamp"]),
+                    "received_at": as_utc(row["received_at"]), "fingerprint": feedback_fingerprint(row),
+                    "accepted_suggestions": json.dumps(list(row["accepted_suggestions"]))}
+        except (KeyError, AttributeError, TypeError, ValueError, OverflowError):
+            raise InvalidRecord(feedback.name, "-", BAD_TYPE, index) from None
 
     def _insert_feedback(self, rows: list[dict[str, Any]]) -> int:
         with self.engine.begin() as conn:

@@ -9,7 +9,8 @@ Two kinds of job go through it:
 - fire-and-forget (cards issued): the hook call answers at once; the row is written within `interval`
   seconds. Queuing one wakes nobody (waking the writer per row cost more CPU than the row's share of the
   transaction). Rows that fail because the database is down are kept (up to `max_parked`) and tried again
-  after a pause.
+  after a pause. Rows the database can never hold (too long, a NUL character, a constraint) are the write
+  function's to drop: it returns only what is worth another try, so one bad row never holds the others.
 - waited (JWT ids, replay protection): the writer is woken at once; the caller blocks until the batch
   holding its job is committed and gets the job's result, or the error.
 
@@ -23,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,28 @@ class GroupWriter:
         self._pid = -1
         self._reset()
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Add `n` to the counter `name` (e.g. dropped_invalid: records refused for good)."""
+        with self._stats_lock:
+            self._stats[name] += n
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The counters of this process's writer: dropped_invalid (records that can never be stored, dropped),
+        dropped_overflow (records dropped to bound memory while the database was down), failed_batches."""
+        with self._stats_lock:
+            return {"dropped_invalid": 0, "dropped_overflow": 0, "failed_batches": 0, **self._stats}
+
+    @property
+    def dropped_invalid(self) -> int:
+        return self.stats["dropped_invalid"]
+
     def _reset(self) -> None:
         """Fresh state for this process (a forked child inherits the parent's objects but not its thread)."""
         self._pid = os.getpid()
         self._cond = threading.Condition()
+        self._stats_lock = threading.Lock()
+        self._stats: Counter[str] = Counter()
         self._queue: deque[Job] = deque()
         self._parked: list[Job] = []
         self._retry_at = 0.0
@@ -167,6 +186,7 @@ class GroupWriter:
                 again = list(self._write(batch))
             except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
                 log.error("%s: a batch of %d job(s) failed: %s", self._name, len(batch), type(exc).__name__)
+                self.count("failed_batches")
                 for job in batch:
                     job.finish(error=exc)
                 again = []
@@ -182,6 +202,7 @@ class GroupWriter:
         parked = self._parked + jobs
         if len(parked) > self._max_parked:
             dropped = len(parked) - self._max_parked
+            self.count("dropped_overflow", dropped)
             log.error("%s: database unavailable; %d queued job(s) dropped to bound memory", self._name, dropped)
             parked = parked[dropped:]
         self._parked = parked

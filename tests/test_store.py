@@ -266,3 +266,80 @@ def test_same_jti_from_many_threads_at_once_is_new_exactly_once(database_url: st
         thread.join(10)
     assert len(answers) == 12
     assert answers.count(True) == 6 + 1  # six distinct ids, and the shared one once
+
+
+# --- records the database can never hold (issue 13, finding 4) -----------------------------------------------
+
+def test_a_record_the_database_cannot_hold_is_dropped_at_once_and_never_holds_the_others(
+        database_url: str, monkeypatch, caplog) -> None:
+    """One hook call's card with an evidence longer than its column (PostgreSQL refused it, the writer retried
+    every 2 s forever and every record queued behind it was lost), one with a NUL: both dropped for good,
+    logged without their values, counted; the good records around them are stored."""
+    monkeypatch.setattr(store_module, "RETRY_AFTER_SECONDS", 0.05)
+    store = Store(database_url)
+    store.ensure_schema()
+    too_long = card_row(evidence="sacral" + " " * 300 + "augmentation")
+    with_nul = card_row(evidence="sacral\x00plasty")
+    good = [card_row() for _ in range(3)]
+    caplog.set_level("ERROR", logger="cds_service.store")
+    store.record_cards([good[0], too_long])  # one hook call: a good card and a bad one
+    store.record_cards([with_nul])
+    store.record_cards(good[1:])  # queued behind them
+    assert store.flush(timeout=10) is True  # nothing left waiting for a retry
+    everything = [row["card_uuid"] for row in (*good, too_long, with_nul)]
+    assert set(store.issued(everything)) == {row["card_uuid"] for row in good}
+    assert store.stats["dropped_invalid"] == 2
+    logged = caplog.text
+    assert "cards_issued" in logged and "evidence" in logged and "too_long" in logged and "nul_character" in logged
+    assert too_long["hook_instance"] in logged and with_nul["hook_instance"] in logged
+    assert "sacral" not in logged and "augmentation" not in logged  # never the values themselves
+    later = card_row()
+    store.record_cards([later])  # the writer goes on
+    assert store.flush(timeout=10) is True and set(store.issued([later["card_uuid"]])) == {later["card_uuid"]}
+
+
+def test_a_batch_the_database_refuses_is_written_record_by_record(database_url: str, caplog) -> None:
+    """A refusal only the database can find (here a duplicate card uuid): the batch is split, the one
+    record dropped as permanent, the others in the same batch stored."""
+    store = Store(database_url)
+    first = card_row()
+    store.record_cards([first])
+    assert store.flush(timeout=10) is True
+    caplog.set_level("ERROR", logger="cds_service.store")
+    duplicate, fresh = card_row(first["card_uuid"]), card_row()
+    store.record_cards([duplicate, fresh])  # one job, one transaction
+    assert store.flush(timeout=10) is True
+    assert set(store.issued([fresh["card_uuid"]])) == {fresh["card_uuid"]}
+    assert count(database_url, cards_issued) == 2
+    assert store.stats["dropped_invalid"] == 1
+    assert "constraint_violation" in caplog.text and duplicate["hook_instance"] in caplog.text
+
+
+def test_lengths_are_checked_before_the_write_from_the_table_definitions() -> None:
+    """Every String column's length comes from the table itself: one character more is refused before
+    the database sees it, whatever the database (SQLite would have stored it)."""
+    from cds_service.store import TOO_LONG, InvalidRecord, check_record
+
+    limited = [c for c in cards_issued.columns if getattr(c.type, "length", None)]
+    assert {c.name for c in limited} >= {"card_uuid", "hook_instance", "evidence", "rule"}
+    base = store_module.Store._prepare_card(card_row())
+    for column in limited:
+        check_record(cards_issued, {**base, column.name: "x" * column.type.length})  # at the limit: fine
+        with pytest.raises(InvalidRecord) as refused:
+            check_record(cards_issued, {**base, column.name: "x" * (column.type.length + 1)})
+        assert (refused.value.table, refused.value.column, refused.value.reason) == \
+            ("cards_issued", column.name, TOO_LONG)
+        assert "x" * 20 not in str(refused.value)  # the message never carries the value
+
+
+@pytest.mark.parametrize("column,value,reason", [
+    ("hook", "order\x00select", "nul_character"), ("evidence", "a\ud800", "unencodable_text"),
+    ("rule", 5, "bad_type"), ("policy_id", None, "missing_value"),
+])
+def test_other_values_no_database_can_hold_are_refused_before_the_write(column: str, value, reason: str) -> None:
+    from cds_service.store import InvalidRecord, check_record
+
+    row = store_module.Store._prepare_card(card_row())
+    with pytest.raises(InvalidRecord) as refused:
+        check_record(cards_issued, {**row, column: value})
+    assert (refused.value.column, refused.value.reason) == (column, reason)

@@ -137,3 +137,18 @@ def test_forked_child_gets_its_own_thread() -> None:
     child.join(10)
     assert child.exitcode == 0 and pid != os.getpid() and result == ("written", "from-child")
     writer.close()
+
+
+def test_the_writer_counts_what_it_drops() -> None:
+    """Records dropped for good are counted where an operator can read them (Store.stats reads these)."""
+    write = Recorder()
+    write.down = True
+    writer = GroupWriter(write, retry_after=60, max_parked=3)
+    assert writer.stats == {"dropped_invalid": 0, "dropped_overflow": 0, "failed_batches": 0}
+    for i in range(10):
+        writer.submit(i)
+        writer.flush(timeout=0.05)
+    assert writer.stats["dropped_overflow"] == 7
+    writer.count("dropped_invalid", 2)
+    assert writer.dropped_invalid == 2 and writer.stats["dropped_invalid"] == 2
+    writer.close(timeout=0.5)
