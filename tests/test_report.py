@@ -61,8 +61,8 @@ def seed(url: str) -> None:
     assert store.add_feedback([
         accepted("C1", ["S1a"], at(1, 9)),
         accepted("C2", ["S2a", "S2b"], at(1, 10)),
-        overridden("C3", "oncology-exception", at(2, 8)),
-        overridden("C4", "failed-covered-alternatives", at(3, 9)),
+        overridden("C3", "coverage-determination-or-appeal", at(2, 8)),
+        overridden("C4", "clinical-judgment", at(3, 9)),
         overridden("C4", None, at(3, 12)),
         overridden("ghost", "other-reason", at(4), display="Some other reason"),
         accepted("C5", ["S5a"], at(20, month=4)),
@@ -82,12 +82,12 @@ def figures(cards, answers, accepted, overridden, reasons, without, chosen) -> d
 
 
 EXPECTED_ALL = {
-    **figures(6, 9, 5, 4, {"failed-covered-alternatives": 1, "oncology-exception": 1, "other-reason": 1}, 1,
+    **figures(6, 9, 5, 4, {"clinical-judgment": 1, "coverage-determination-or-appeal": 1, "other-reason": 1}, 1,
               {LABEL["facet-joint-injection"]: 2, "(unknown suggestion)": 1, LABEL["epidural-injection"]: 1,
                "retired-alternative": 1, LABEL["trigger-point-injection"]: 1}),
     "by_policy_version": {
-        "2019-03": figures(2, 3, 1, 2, {"failed-covered-alternatives": 1}, 1, {LABEL["epidural-injection"]: 1}),
-        "2021-07": figures(4, 5, 4, 1, {"oncology-exception": 1}, 0,
+        "2019-03": figures(2, 3, 1, 2, {"clinical-judgment": 1}, 1, {LABEL["epidural-injection"]: 1}),
+        "2021-07": figures(4, 5, 4, 1, {"coverage-determination-or-appeal": 1}, 0,
                            {LABEL["facet-joint-injection"]: 2, "(unknown suggestion)": 1, "retired-alternative": 1,
                             LABEL["trigger-point-injection"]: 1}),
         "unknown": figures(0, 1, 0, 1, {"other-reason": 1}, 0, {}),
@@ -95,11 +95,11 @@ EXPECTED_ALL = {
 }
 
 EXPECTED_SINCE_MAY = {
-    **figures(5, 8, 4, 4, {"failed-covered-alternatives": 1, "oncology-exception": 1, "other-reason": 1}, 1,
+    **figures(5, 8, 4, 4, {"clinical-judgment": 1, "coverage-determination-or-appeal": 1, "other-reason": 1}, 1,
               {LABEL["facet-joint-injection"]: 2, "(unknown suggestion)": 1, "retired-alternative": 1,
                LABEL["trigger-point-injection"]: 1}),
     "by_policy_version": {
-        "2019-03": figures(1, 2, 0, 2, {"failed-covered-alternatives": 1}, 1, {}),
+        "2019-03": figures(1, 2, 0, 2, {"clinical-judgment": 1}, 1, {}),
         "2021-07": EXPECTED_ALL["by_policy_version"]["2021-07"],
         "unknown": EXPECTED_ALL["by_policy_version"]["unknown"],
     },
@@ -204,7 +204,7 @@ def test_table_is_plain_readable_text(seeded: str, capsys) -> None:
     assert re.search(r"Accepted\s+5\s+\(55\.6% of feedback\)", everything)
     assert re.search(r"Overridden\s+4\s+\(44\.4% of feedback\)", everything)
     assert re.search(re.escape(LABEL["facet-joint-injection"]) + r"\s+2\n", everything)
-    assert re.search(r"oncology-exception \(" + re.escape(REASON_DISPLAY["oncology-exception"]) + r"\)\s+1",
+    assert re.search(r"coverage-determination-or-appeal \(" + re.escape(REASON_DISPLAY["coverage-determination-or-appeal"]) + r"\)\s+1",
                      everything)
     assert re.search(r"other-reason \(Some other reason\)\s+1", everything)
     assert re.search(r"no reason given\s+1", everything)
@@ -246,7 +246,7 @@ def test_html_is_one_self_contained_page_with_charts(seeded: str, tmp_path: Path
     text = " ".join(parsed.text)
     for label in (LABEL["facet-joint-injection"], LABEL["trigger-point-injection"], "retired-alternative"):
         assert label in text
-    assert REASON_DISPLAY["oncology-exception"] in text and "No reason given" in text
+    assert REASON_DISPLAY["coverage-determination-or-appeal"] in text and "No reason given" in text
     # one bar per day from the first to the last day, empty days included
     days = re.findall(r"<title>(\d{4}-\d{2}-\d{2}): (\d+) accepted, (\d+) overridden, (\d+) cards issued", page)
     assert [d[0] for d in days] == [(date(2024, 4, 20) + timedelta(days=i)).isoformat() for i in range(15)]
