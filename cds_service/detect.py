@@ -582,13 +582,17 @@ class Detector:
         code = order.get("code")
         standard: list[tuple[str, str]] = []
         texts: list[str] = []
+        own: list[str] = []  # the texts that are not a standard code's display: where laterality is read
         for concept in _dicts(code):
             if isinstance(concept.get("text"), str):
                 texts.append(concept["text"])
+                own.append(concept["text"])
             for coding in _dicts(concept.get("coding")):
+                key = self._key(coding)
                 if isinstance(coding.get("display"), str):
                     texts.append(coding["display"])
-                key = self._key(coding)
+                    if key is None or key[0] in (None, "local"):
+                        own.append(coding["display"])  # "unilateral or bilateral" in 22511's display is no side
                 if key is None:
                     continue
                 label, base, modifiers = key
@@ -619,7 +623,7 @@ class Detector:
             if self._has_sacral_site_code(order) or \
                     self._site.is_sacral(words + [self._tokens(t) for t in site_texts]) or \
                     self._names_sacroplasty(words):
-                return Match("vertebral-augmentation-site", va, self._laterality(words))
+                return Match("vertebral-augmentation-site", va, self._laterality(own))
             return None
 
         # No standard code: the words decide.
@@ -644,7 +648,7 @@ class Detector:
                                 body_site = self._has_sacral_site_code(order) or self._site.is_sacral(site_words)
                             if not body_site:
                                 continue
-                    return Match(rule.rule, f"text:{rule.id}", self._laterality(words))
+                    return Match(rule.rule, f"text:{rule.id}", self._laterality(own))
         return None
 
     def _tokens(self, text: str) -> tuple[str, ...]:
@@ -673,8 +677,9 @@ class Detector:
     def _code_laterality(self, laterality: str | None, modifiers: list[str]) -> str | None:
         return "bilateral" if any(m in self._bilateral_modifiers for m in modifiers) else laterality
 
-    def _laterality(self, words: list[tuple[str, ...]]) -> str | None:
-        return "bilateral" if any(self._matcher.find(self._bilateral, w) for w in words) else None
+    def _laterality(self, texts: list[str]) -> str | None:
+        return "bilateral" if any(self._matcher.find(self._bilateral, self._tokens(t))
+                                  for t in texts[: self._max_texts]) else None
 
 
 def _dict(value: Any) -> dict[str, Any]:

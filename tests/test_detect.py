@@ -302,3 +302,10 @@ def test_only_the_first_max_chars_of_a_text_are_read(detector: Detector) -> None
     assert detector.match(order(text="x " * (limit // 2 - 10) + "sacroplasty")) is not None
     assert detector.match(order(text="x " * limit + "sacroplasty")) is None
     assert detector.match(order(text="sacroplasty " + "y" * 1_000_000)) is not None
+
+
+def test_laterality_is_read_from_the_order_not_from_a_code_display(detector: Detector) -> None:
+    display = "Percutaneous vertebroplasty, 1 vertebral body, unilateral or bilateral injection; lumbosacral"
+    assert detector.match(order("22511", display=display, text="Vertebroplasty S1, left")).laterality is None
+    assert detector.match(order("22511", display=display, text="Vertebroplasty S1, bilateral")).laterality == \
+        "bilateral"
