@@ -1,0 +1,56 @@
+"""The detection table (tests/detection_table.json): realistic orders, each with the expected answer and why.
+
+Precision and recall are printed (run pytest with -s to see them) and must both be 1.0; every row is also its own
+test case, so a failure names the order and the reason it was put in the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cds_service.config import Settings
+from cds_service.detect import Detector
+from cds_service.policy import load_policies
+
+TABLE = json.loads((Path(__file__).parent / "detection_table.json").read_text(encoding="utf-8"))["rows"]
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    return Detector(load_policies(Settings().cards_dir)[0])
+
+
+def test_the_table_is_large_and_balanced() -> None:
+    positives = [r for r in TABLE if r["expected"]]
+    assert len(TABLE) >= 80
+    assert len(positives) >= 20 and len(TABLE) - len(positives) >= 40
+    assert len({r["id"] for r in TABLE}) == len(TABLE)
+    assert all(r["why"].strip() for r in TABLE)
+    assert {r["expected"] for r in positives} == {"code", "text", "vertebral-augmentation-site"}
+
+
+@pytest.mark.parametrize("row", TABLE, ids=[r["id"] for r in TABLE])
+def test_row(detector: Detector, row: dict[str, Any]) -> None:
+    match = detector.match(row["order"])
+    assert (match.rule if match else None) == row["expected"], row["why"]
+    if match:
+        assert len(match.evidence) <= 200
+        assert match.evidence.startswith("text:") == (match.rule != "code" and match.evidence.startswith("text:"))
+
+
+def test_precision_and_recall(detector: Detector) -> None:
+    tp = fp = fn = 0
+    for row in TABLE:
+        found = detector.match(row["order"]) is not None
+        tp += found and bool(row["expected"])
+        fp += found and not row["expected"]
+        fn += not found and bool(row["expected"])
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    print(f"\ndetection table: {len(TABLE)} orders, {tp + fn} sacroplasties: "
+          f"precision {precision:.3f}, recall {recall:.3f} (tp {tp}, fp {fp}, fn {fn})")
+    assert (precision, recall) == (1.0, 1.0)
