@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -27,6 +28,10 @@ def _flag(value: str | None) -> bool:
 
 def _origins(value: str | None) -> tuple[str, ...]:
     return tuple(o.strip().rstrip("/") for o in (value or "").split(",") if o.strip())
+
+
+class ConfigError(ValueError):
+    """Settings the service refuses to start with; the message says what to set."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,28 @@ class Settings:
             fixtures_dir=Path(env["CDS_FIXTURES_DIR"]) if env.get("CDS_FIXTURES_DIR") else defaults.fixtures_dir,
             log_level=env.get("CDS_LOG_LEVEL") or defaults.log_level,
         )
+
+    def production_problem(self) -> str | None:
+        """Why these settings cannot serve in production mode, or None. Dev mode has no such demands.
+
+        CDS_PUBLIC_URL is required: it is the audience every client token must name. Taken from each
+        request's Host instead, a token minted for another service (another host) would be accepted when
+        sent with that Host (issue 13, finding 9).
+        """
+        if self.dev:
+            return None
+        if not self.public_url:
+            return ("CDS_PUBLIC_URL is not set: in production it must be the URL clients call this service at "
+                    "(for example https://cds.example.org); client tokens must name it as their audience. "
+                    "Set it, or run with --dev on a trusted machine")
+        try:
+            parts = urlsplit(self.public_url)
+            host = parts.hostname
+        except ValueError:
+            host = None
+        if parts.scheme not in ("http", "https") or not host or parts.query or parts.fragment:
+            return f"CDS_PUBLIC_URL must be an http(s) URL such as https://cds.example.org, not {self.public_url!r}"
+        return None
 
     def with_overrides(self, **changes: Any) -> "Settings":
         return replace(self, **changes)
