@@ -18,6 +18,7 @@ worker on the sockets gunicorn bound.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import time
@@ -33,6 +34,7 @@ from waitress.task import ErrorTask
 HEARTBEAT_SECONDS = 1.0  # how often a worker tells the master it is alive
 IDLE_CONNECTION_SECONDS = 30  # a connection with nothing happening on it is closed after this
 MAX_CONNECTIONS = 1000  # open connections per worker (each one is a socket, not a thread)
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (431 beyond)
 
 
 class JsonErrorTask(ErrorTask):
@@ -67,6 +69,7 @@ def waitress_settings(threads: int, max_body_bytes: int) -> dict[str, Any]:
     return {
         "threads": threads,
         "max_request_body_size": max_body_bytes,
+        "max_request_header_size": MAX_HEADER_BYTES,
         "connection_limit": _connection_limit(),
         "channel_timeout": IDLE_CONNECTION_SECONDS,
         "cleanup_interval": 5,
@@ -85,6 +88,9 @@ class WaitressWorker(Worker):
     max_body_bytes = 2 * 1024 * 1024
 
     def run(self) -> None:
+        # "Task queue depth is N" at every request that waits for a thread: under load a warning per call
+        # (and, warnings being flushed at once, a write per call); a full queue is what the bench measures.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         socket_map: dict[int, Any] = {}
         server = create_server(self.wsgi, map=socket_map, sockets=[listener.sock for listener in self.sockets],
                                **waitress_settings(self.cfg.threads, self.max_body_bytes))

@@ -5,6 +5,7 @@ must cost a socket, never a worker thread, in production and dev mode alike.
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,8 +14,10 @@ from typing import Iterator
 import pytest
 import requests
 
+from cds_service.store import cards_issued
 from conftest import load_fixture
 from test_auth import PUBLIC, bearer, clients_file, key_server, keys, sign  # noqa: F401  (fixtures)
+from test_store import count
 
 HOOK = "sacroplasty-order-select"
 FIXTURE = "order-select-sacroplasty-cpt.json"
@@ -124,3 +127,38 @@ def test_no_control_socket(start_server, tmp_path: Path) -> None:
     time.sleep(0.5)  # the control socket is opened as the master starts
     made = [p for p in [*home.rglob("*"), *runtime.rglob("*")] if "ctl" in p.name or p.is_socket()]
     assert made == []
+
+
+def test_clean_stop_writes_every_card_record(start_server, tmp_path: Path) -> None:
+    """The card writer of each worker is flushed when gunicorn stops the worker (worker_exit)."""
+    database = f"sqlite:///{tmp_path / 'stop.sqlite3'}"
+    server = start_server(env={"CDS_DATABASE_URL": database}, args=["--dev"], workers=2)
+    calls = 20
+    with requests.Session() as session:
+        for _ in range(calls):
+            response = session.post(f"{server.url}/cds-services/{HOOK}", json=load_fixture(FIXTURE), timeout=10)
+            assert response.status_code == 200 and len(response.json()["cards"]) == 1
+    server.stop()  # SIGTERM at once: the last records may still be queued in the workers
+    assert server.process.returncode == 0
+    assert count(database, cards_issued) == calls
+
+
+def test_make_install_installs_the_postgres_extra() -> None:
+    """README: `make` installs PostgreSQL's driver too (issue 13, finding 11)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["make", "-n", "-B", "install"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    installs = [line for line in done.stdout.splitlines() if "pip install" in line and " -e " in line]
+    assert installs and all("[postgres]" in line or "postgres]" in line for line in installs), installs
+
+
+def test_malformed_and_oversized_requests_get_json_errors(start_server) -> None:
+    """What waitress refuses itself (before the app) is a JSON error too, never a stack trace."""
+    server = start_server(args=["--dev"], workers=1)
+    huge = requests.get(f"{server.url}/cds-services", headers={"X-Pad": "x" * 100_000}, timeout=10)
+    assert huge.status_code == 431
+    assert huge.headers["Content-Type"] == "application/json" and huge.json()["error"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /cds-services HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400") and b"application/json" in answer and b"Traceback" not in answer
