@@ -46,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
 
     WaitressWorker.max_body_bytes = settings.max_body_bytes
+    WaitressWorker.request_read_seconds = settings.request_read_seconds
 
     class Server(BaseApplication):  # gunicorn's documented way to embed it
         def load_config(self) -> None:

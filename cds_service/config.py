@@ -46,6 +46,7 @@ class Settings:
     fhir_timeout: float = 0.8
     cors_origins: tuple[str, ...] | str = "*"
     max_body_bytes: int = 2 * 1024 * 1024
+    request_read_seconds: float = 30.0
     max_draft_orders: int = 200
     max_json_depth: int = 64
     cards_dir: Path = field(default_factory=_default_cards_dir)
@@ -66,6 +67,7 @@ class Settings:
             fhir_timeout=float(env.get("CDS_FHIR_TIMEOUT") or defaults.fhir_timeout),
             cors_origins="*" if cors in ("", "*") else _origins(cors),
             max_body_bytes=int(env.get("CDS_MAX_BODY_BYTES") or defaults.max_body_bytes),
+            request_read_seconds=float(env.get("CDS_REQUEST_READ_SECONDS") or defaults.request_read_seconds),
             max_draft_orders=int(env.get("CDS_MAX_DRAFT_ORDERS") or defaults.max_draft_orders),
             max_json_depth=int(env.get("CDS_MAX_JSON_DEPTH") or defaults.max_json_depth),
             cards_dir=Path(env["CDS_CARDS_DIR"]) if env.get("CDS_CARDS_DIR") else defaults.cards_dir,

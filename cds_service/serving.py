@@ -53,7 +53,28 @@ class JsonErrorTask(ErrorTask):
 
 
 class Channel(HTTPChannel):
+    """A connection. Remembers when the request it is reading began, for the read deadline."""
+
     error_task_class = JsonErrorTask
+    reading_since = 0.0
+
+    def received(self, data: bytes) -> bool:
+        if data and self.request is None:
+            self.reading_since = time.monotonic()
+        return super().received(data)
+
+
+def close_overdue(socket_map: dict[int, Any], now: float, limit: float) -> int:
+    """Close the connections that have spent more than `limit` seconds sending one request; their number.
+
+    Such a client holds no thread, but each holds a connection, and there are MAX_CONNECTIONS of those."""
+    closed = 0
+    for channel in list(socket_map.values()):
+        if isinstance(channel, Channel) and channel.request is not None and not channel.will_close \
+                and now - channel.reading_since > limit:
+            channel.will_close = True  # closed by the loop's next pass
+            closed += 1
+    return closed
 
 
 def _connection_limit() -> int:
@@ -82,10 +103,12 @@ def waitress_settings(threads: int, max_body_bytes: int) -> dict[str, Any]:
 class WaitressWorker(Worker):
     """A gunicorn worker that serves its sockets with waitress (see the module's docstring).
 
-    Set `max_body_bytes` on the class (cli.py does, from the settings) before gunicorn starts.
+    Set `max_body_bytes` and `request_read_seconds` on the class (cli.py does, from the settings) before
+    gunicorn starts.
     """
 
     max_body_bytes = 2 * 1024 * 1024
+    request_read_seconds = 30.0
 
     def run(self) -> None:
         # "Task queue depth is N" at every request that waits for a thread: under load a warning per call
@@ -105,6 +128,7 @@ class WaitressWorker(Worker):
                 if now - beat >= HEARTBEAT_SECONDS:
                     self.notify()
                     beat = now
+                    close_overdue(socket_map, now, self.request_read_seconds)
                     if self.ppid != os.getppid():  # the master is gone
                         self.log.info("Parent changed, shutting down: %s", self)
                         break

@@ -162,3 +162,25 @@ def test_malformed_and_oversized_requests_get_json_errors(start_server) -> None:
         sock.sendall(b"POST /cds-services HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 400") and b"application/json" in answer and b"Traceback" not in answer
+
+
+def test_a_request_still_arriving_after_the_read_deadline_is_cut(start_server) -> None:
+    """A trickling client holds no thread, but it holds a connection: CDS_REQUEST_READ_SECONDS ends it."""
+    server = start_server(env={"CDS_REQUEST_READ_SECONDS": "1"}, args=["--dev"], workers=1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST /cds-services/{HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 1000\r\n\r\n{".encode())
+        closed = False
+        for _ in range(40):  # up to 20 s of trickling; the server should hang up after about 1-2 s
+            try:
+                sock.send(b" ")
+                sock.settimeout(0.5)
+                closed = sock.recv(1) == b""
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed, "the server kept reading a request for 20 s"
+    assert requests.get(f"{server.url}/cds-services", timeout=5).status_code == 200
