@@ -8,18 +8,24 @@ from typing import Any, Mapping
 from flask import Flask
 from flask_cors import CORS
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .jsonio import FastJSONProvider
 
 __version__ = "0.1.0"
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
-    """Application factory. `config` is a Settings, a mapping of Settings fields, or None (environment)."""
+    """Application factory. `config` is a Settings, a mapping of Settings fields, or None (environment).
+
+    Raises ConfigError for settings that cannot serve (production mode without CDS_PUBLIC_URL)."""
     if isinstance(config, Settings):
         settings = config
     else:
         settings = Settings.from_env().with_overrides(**dict(config or {}))
+
+    problem = settings.production_problem()
+    if problem:
+        raise ConfigError(problem)
 
     from . import api, policy_page, viewer
     from .auth import Authenticator

@@ -26,9 +26,8 @@ from urllib.parse import urlsplit
 
 import jwt
 import requests
-from flask import has_request_context, request
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .errors import ApiError
 from .store import Store, StoreUnavailable
 
@@ -345,15 +344,12 @@ class Authenticator:
             log.warning("no CDS_CLIENTS_FILE: every hook and feedback call will be refused (401); "
                         "configure trusted clients, or run with --dev on a trusted machine")
         if not self.public_url:
-            log.warning("CDS_PUBLIC_URL is not set: the expected token audience is taken from each request's "
-                        "Host; set CDS_PUBLIC_URL to the URL clients use, especially behind a proxy")
+            # Never the request's Host: a token minted for another service would pass when sent with its Host.
+            raise ConfigError("CDS_PUBLIC_URL is not set: it is the audience client tokens must name")
 
     def audiences(self, service_id: str, feedback: bool) -> list[str]:
         """The endpoint URLs a token's `aud` may name for this call."""
-        base = self.public_url
-        if base is None:
-            base = request.url_root.rstrip("/") if has_request_context() else ""
-        endpoint = f"{base}/cds-services/{service_id}"
+        endpoint = f"{self.public_url}/cds-services/{service_id}"
         return [endpoint, endpoint + "/feedback"] if feedback else [endpoint]
 
     def verify(self, header: str | None, service_id: str, feedback: bool = False) -> Client:

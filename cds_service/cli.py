@@ -27,10 +27,15 @@ def _serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
     from . import create_app, engine  # noqa: F401  (imported before the fork: workers share the pages)
+    from .serving import WaitressWorker
 
     if args.dev:
         os.environ["CDS_DEV"] = "1"
     settings = Settings.from_env()
+    problem = settings.production_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if not settings.dev and settings.clients_file:
         from .auth import ClientsFileError, load_clients
 
@@ -40,14 +45,22 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
+    WaitressWorker.max_body_bytes = settings.max_body_bytes
+    WaitressWorker.request_read_seconds = settings.request_read_seconds
+
     class Server(BaseApplication):  # gunicorn's documented way to embed it
         def load_config(self) -> None:
             self.cfg.set("bind", f"{args.host}:{args.port}")
             self.cfg.set("workers", args.workers)
-            self.cfg.set("worker_class", "gthread")
+            # Each worker serves with waitress, which reads whole requests before a thread sees them: a
+            # slow client never holds a thread (see serving.py).
+            self.cfg.set("worker_class", "cds_service.serving.WaitressWorker")
             self.cfg.set("threads", args.threads)
-            self.cfg.set("keepalive", 5)
             self.cfg.set("timeout", 30)
+            if "control_socket_disable" in self.cfg.settings:
+                # gunicorn 25.1+ opens a control socket (~/.gunicorn/gunicorn.ctl) by default, and the
+                # instance started last takes it over: this service has no use for it.
+                self.cfg.set("control_socket_disable", True)
             self.cfg.set("accesslog", None)
             self.cfg.set("errorlog", "-")
             self.cfg.set("loglevel", "info")
@@ -100,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the service under gunicorn")
+    serve = commands.add_parser("serve", help="run the service (gunicorn workers serving with waitress)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=2)

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -29,6 +30,10 @@ def _origins(value: str | None) -> tuple[str, ...]:
     return tuple(o.strip().rstrip("/") for o in (value or "").split(",") if o.strip())
 
 
+class ConfigError(ValueError):
+    """Settings the service refuses to start with; the message says what to set."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service can be configured with. See README.md, "Configuration"."""
@@ -41,6 +46,7 @@ class Settings:
     fhir_timeout: float = 0.8
     cors_origins: tuple[str, ...] | str = "*"
     max_body_bytes: int = 2 * 1024 * 1024
+    request_read_seconds: float = 30.0
     max_draft_orders: int = 200
     max_json_depth: int = 64
     cards_dir: Path = field(default_factory=_default_cards_dir)
@@ -61,12 +67,35 @@ class Settings:
             fhir_timeout=float(env.get("CDS_FHIR_TIMEOUT") or defaults.fhir_timeout),
             cors_origins="*" if cors in ("", "*") else _origins(cors),
             max_body_bytes=int(env.get("CDS_MAX_BODY_BYTES") or defaults.max_body_bytes),
+            request_read_seconds=float(env.get("CDS_REQUEST_READ_SECONDS") or defaults.request_read_seconds),
             max_draft_orders=int(env.get("CDS_MAX_DRAFT_ORDERS") or defaults.max_draft_orders),
             max_json_depth=int(env.get("CDS_MAX_JSON_DEPTH") or defaults.max_json_depth),
             cards_dir=Path(env["CDS_CARDS_DIR"]) if env.get("CDS_CARDS_DIR") else defaults.cards_dir,
             fixtures_dir=Path(env["CDS_FIXTURES_DIR"]) if env.get("CDS_FIXTURES_DIR") else defaults.fixtures_dir,
             log_level=env.get("CDS_LOG_LEVEL") or defaults.log_level,
         )
+
+    def production_problem(self) -> str | None:
+        """Why these settings cannot serve in production mode, or None. Dev mode has no such demands.
+
+        CDS_PUBLIC_URL is required: it is the audience every client token must name. Taken from each
+        request's Host instead, a token minted for another service (another host) would be accepted when
+        sent with that Host (issue 13, finding 9).
+        """
+        if self.dev:
+            return None
+        if not self.public_url:
+            return ("CDS_PUBLIC_URL is not set: in production it must be the URL clients call this service at "
+                    "(for example https://cds.example.org); client tokens must name it as their audience. "
+                    "Set it, or run with --dev on a trusted machine")
+        try:
+            parts = urlsplit(self.public_url)
+            host = parts.hostname
+        except ValueError:
+            host = None
+        if parts.scheme not in ("http", "https") or not host or parts.query or parts.fragment:
+            return f"CDS_PUBLIC_URL must be an http(s) URL such as https://cds.example.org, not {self.public_url!r}"
+        return None
 
     def with_overrides(self, **changes: Any) -> "Settings":
         return replace(self, **changes)

@@ -1,18 +1,22 @@
 """Outbound FHIR reads against the CDS client's `fhirServer`, for prefetch keys the client did not send.
 
 `fhirServer` comes from the request, so it is hostile input (server-side request forgery): only origins the
-operator lists in CDS_FHIR_ALLOWED_ORIGINS are ever contacted, every request stays under the base URL (next
-links and redirects included), responses are size-capped, and all fetches of one hook call share one time
-budget (CDS_FHIR_TIMEOUT). Failures never raise: the key is reported as failed and a warning is logged,
-naming the key and the reason only — never a URL (it carries the patient id), a token or a resource.
+operator lists in CDS_FHIR_ALLOWED_ORIGINS are ever contacted, every request stays under the base URL (the
+built query, next links and redirects; a path that some server could resolve above the base, such as
+`%2e%2e`, `%2f..`, a backslash or `..;/`, is refused, not sent), responses are size-capped, and all fetches
+of one hook call share one time budget (CDS_FHIR_TIMEOUT) that bounds every socket read and write too, so a
+server that trickles its answer cannot hold a fetch thread past the budget. Failures never raise: the key
+is reported as failed and a warning is logged, naming the key and the reason only — never a URL (it carries the patient id), a token or a resource.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -23,6 +27,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +57,28 @@ def normalize_origin(value: str) -> str | None:
     return base.origin if base and base.path == "" else None
 
 
-def _dot_segments(path: str) -> bool:
-    return any(unquote(segment) in (".", "..") for segment in path.split("/"))
+def _decoded(path: str, rounds: int = 3) -> str:
+    """`path` percent-decoded until it no longer changes (double encoding too), backslashes as slashes."""
+    for _ in range(rounds):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    return path.replace("\\", "/")
+
+
+def _escapes(path: str) -> bool:
+    """True when some server could read `path` as climbing: a segment that, decoded and without its `;`
+    parameters, is only dots (`..`, `%2e%2e`, `..;/`, `.%2e`) or a segment separator in disguise (`%2f..`,
+    `\\..`), or a control character. FHIR paths have none of these, so refusing them costs nothing."""
+    decoded = _decoded(path)
+    if any(ord(c) < 32 or ord(c) == 127 for c in decoded):
+        return True
+    for segment in decoded.split("/"):
+        core = segment.split(";", 1)[0].strip()
+        if segment and not core.strip("."):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -75,7 +101,7 @@ class FhirBase:
             return None
         if scheme not in DEFAULT_PORTS or not host or parts.username is not None or parts.password is not None:
             return None
-        if parts.query or parts.fragment or _dot_segments(parts.path):
+        if parts.query or parts.fragment or _escapes(parts.path):
             return None
         return cls(_origin(scheme, host, port), parts.path.rstrip("/"))
 
@@ -84,7 +110,8 @@ class FhirBase:
         target = FhirBase.parse(urlsplit(url)._replace(query="", fragment="").geturl())
         if target is None or target.origin != self.origin:
             return False
-        return not self.path or target.path == self.path or target.path.startswith(self.path + "/")
+        return all(not self.path or path == self.path or path.startswith(self.path + "/")
+                   for path in (target.path, _decoded(target.path)))
 
 
 @dataclass(frozen=True)
@@ -121,11 +148,125 @@ class _PerProcess:
             return self._session, self._executor
 
 
+# -- a deadline on every socket operation -------------------------------------------------------------------
+#
+# requests' read time-out bounds each recv(), not the call: a server that sends a header line every 0.1 s
+# never trips it and held a fetch thread for as long as it liked, starving the pool for later hook calls
+# (issue 13, finding 8). Each fetch thread sets its call's deadline here; every read and write on the
+# connection may then wait only until that deadline, and the connect (TLS handshake included) is cut at it.
+
+_DEADLINE = threading.local()
+
+
+def _deadline() -> float | None:
+    return getattr(_DEADLINE, "value", None)
+
+
+class _DeadlineSocket:
+    """A connected socket whose reads and writes wait at most until the current fetch's deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def _arm(self) -> None:
+        deadline = _deadline()
+        if deadline is None:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the fetch's time budget is spent")
+        self._sock.settimeout(left)
+
+    def recv(self, *args: Any) -> bytes:
+        self._arm()
+        return self._sock.recv(*args)
+
+    def recv_into(self, *args: Any) -> int:
+        self._arm()
+        return self._sock.recv_into(*args)
+
+    def send(self, *args: Any) -> int:
+        self._arm()
+        return self._sock.send(*args)
+
+    def sendall(self, data: Any, *args: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:  # one send at a time, so the deadline holds between the pieces too
+            sent = self.send(view, *args)
+            view = view[sent:]
+
+    def makefile(self, mode: str = "r", buffering: int | None = None, **_: Any) -> Any:
+        """What http.client reads the response through: a buffered reader over this object's recv_into."""
+        if mode != "rb":
+            raise ValueError(f"unsupported mode {mode!r}")
+        # As socket.makefile does: the descriptor stays open until this reader is closed too, even when the
+        # connection closes the socket first (http.client does on a `Connection: close` answer).
+        self._sock._io_refs += 1
+        return io.BufferedReader(socket.SocketIO(self, "rb"), io.DEFAULT_BUFFER_SIZE)  # type: ignore[arg-type]
+
+
+class _DeadlineConnectionMixin:
+    sock: Any
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()  # type: ignore[misc]
+        self._raw_sock = sock
+        return sock
+
+    def connect(self) -> None:
+        deadline = _deadline()
+        timer = None
+        if deadline is not None:
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut)
+            timer.daemon = True
+            timer.start()
+        try:
+            super().connect()  # type: ignore[misc]
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self.sock = _DeadlineSocket(self.sock)
+
+    def _cut(self) -> None:
+        """The deadline passed while connecting (a trickled TLS handshake): unblock the thread."""
+        sock = getattr(self, "_raw_sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _DeadlineHTTPConnection(_DeadlineConnectionMixin, HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnectionMixin, HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _DeadlineHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
+
+
 def _new_session(pool_size: int) -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # no proxy variables, no ~/.netrc credentials: only what this module sends
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # no state carried between hook calls
-    adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
+    adapter = _DeadlineAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -231,7 +372,17 @@ class FhirClient:
     def _get(self, session: requests.Session, base: FhirBase, query: str, token: str | None,
              deadline: float) -> dict[str, Any]:
         """A read (`Type/id`) returns that resource; a search returns one searchset Bundle of all pages read."""
+        _DEADLINE.value = deadline
+        try:
+            return self._get_within(session, base, query, token, deadline)
+        finally:
+            _DEADLINE.value = None
+
+    def _get_within(self, session: requests.Session, base: FhirBase, query: str, token: str | None,
+                    deadline: float) -> dict[str, Any]:
         url = f"{base.url}/{query.lstrip('/')}"
+        if not base.contains(url):
+            raise FetchError("the query would leave the fhirServer base; not sent")
         path = query.split("?", 1)[0].strip("/")
         if "/" in path:
             resource = self._get_json(session, base, url, token, deadline)

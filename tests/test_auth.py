@@ -33,7 +33,7 @@ from cds_service import create_app
 from cds_service.auth import (
     JWKS_MIN_REFRESH, Authenticator, ClientsFileError, KeySetCache, KeySetError, fetch_jwks, load_clients,
 )
-from cds_service.config import Settings
+from cds_service.config import ConfigError, Settings
 from cds_service.errors import ApiError
 from cds_service.store import Store
 from conftest import free_port, load_fixture
@@ -228,10 +228,32 @@ def test_feedback_accepts_service_or_feedback_audience(client, keys) -> None:
     assert_refused(hook(client, sign(keys["ec"], claims(aud=endpoint + "/feedback"))))  # not for a hook call
 
 
-def test_audience_from_request_when_public_url_unset(tmp_path, clients_file, keys) -> None:
-    client = auth_app(tmp_path, clients_file, public_url=None).test_client()
-    assert hook(client, sign(keys["ec"], claims(aud=f"http://localhost/cds-services/{HOOK}"))).status_code == 200
-    assert_refused(hook(client, sign(keys["ec"], claims(aud=f"http://evil.example/cds-services/{HOOK}"))))
+def test_production_without_public_url_refuses_to_start(tmp_path, clients_file) -> None:
+    """Issue 13, finding 9: the audience is never taken from the request's Host."""
+    with pytest.raises(ConfigError, match="CDS_PUBLIC_URL"):
+        auth_app(tmp_path, clients_file, public_url=None)
+    with pytest.raises(ConfigError, match="CDS_PUBLIC_URL"):
+        Authenticator(Settings(clients_file=clients_file), Store(f"sqlite:///{tmp_path / 'x.sqlite3'}"))
+    with pytest.raises(ConfigError, match="http"):
+        auth_app(tmp_path, clients_file, public_url="cds.example.org")
+    assert create_app(Settings(dev=True, database_url=f"sqlite:///{tmp_path / 'dev.sqlite3'}"))  # dev: unchanged
+
+
+def test_token_for_another_host_is_refused_even_with_that_host(client, keys) -> None:
+    other = f"http://other-cds.example/cds-services/{HOOK}"
+    assert_refused(client.post(f"/cds-services/{HOOK}", json=load_fixture(FIXTURE),
+                               headers={**bearer(sign(keys["ec"], claims(aud=other))), "Host": "other-cds.example"}))
+    assert hook(client, sign(keys["ec"])).status_code == 200
+
+
+def test_serve_without_public_url_exits_with_the_reason(tmp_path, clients_file) -> None:
+    env = {**os.environ, "CDS_CLIENTS_FILE": clients_file, "CDS_PUBLIC_URL": "", "CDS_DEV": "",
+           "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"}
+    done = subprocess.run([sys.executable, "-m", "cds_service.cli", "serve", "--host", "127.0.0.1",
+                           "--port", str(free_port()), "--workers", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: CDS_PUBLIC_URL is not set") and "Traceback" not in done.stderr
 
 
 # --- in-process: refused tokens ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import socket
 import threading
 from datetime import date, datetime, timezone
 from typing import Any, Iterator
@@ -411,6 +412,21 @@ def test_normalize_origin(value: str, expected: str | None) -> None:
     ("https://ehr.example.org:8443/fhir/R4/Coverage", False),
     ("https://evil.example.org/fhir/R4/Coverage", False),
     ("https://ehr.example.org@evil.example.org/fhir/R4/Coverage", False),
+    # issue 13, finding 10: shapes that Tomcat, Jetty or IIS may resolve above the base
+    ("https://ehr.example.org/fhir/R4/..;/..;/admin", False),
+    ("https://ehr.example.org/fhir/R4/Coverage/..;jsessionid=1/../../admin", False),
+    ("https://ehr.example.org/fhir/R4/%2f..%2f..%2fadmin", False),
+    ("https://ehr.example.org/fhir/R4/Coverage%2F..%2F..%2F..%2Fadmin", False),
+    ("https://ehr.example.org/fhir/R4/\\..\\..\\admin", False),
+    ("https://ehr.example.org/fhir/R4/..%5c..%5cadmin", False),
+    ("https://ehr.example.org/fhir/R4/.%2e/.%2e/admin", False),
+    ("https://ehr.example.org/fhir/R4/%252e%252e/%252e%252e/admin", False),
+    ("https://ehr.example.org/fhir/R4/.../admin", False),
+    ("https://ehr.example.org/fhir/R4%2f..%2fadmin", False),
+    ("https://ehr.example.org/fhir%2FR4/Coverage", False),
+    ("https://ehr.example.org/fhir/R4/Coverage%00/x", False),
+    ("https://ehr.example.org/fhir/R4/Coverage/a.b..c", True),
+    ("https://ehr.example.org/fhir/R4/Coverage?patient=../x", True),  # a query, not a path: no server climbs it
 ])
 def test_base_contains_only_its_own_subtree(url: str, inside: bool) -> None:
     base = FhirBase.parse("https://ehr.example.org/fhir/R4/")
@@ -429,3 +445,117 @@ def test_base_contains_only_its_own_subtree(url: str, inside: bool) -> None:
 ])
 def test_bearer_token(authorization, expected) -> None:
     assert bearer_token(copy.deepcopy(authorization)) == expected
+
+
+# -- issue 13, finding 10: nothing that could climb above the base is ever sent ------------------------------
+
+CLIMBS = ["..;/admin", "..%2Fadmin", "%2f..%2fadmin", "\\..\\admin", "%2e%2e/admin", "Coverage/..;/..;/admin",
+          "%252e%252e%252fadmin"]
+
+
+@pytest.mark.parametrize("climb", CLIMBS)
+def test_query_that_climbs_is_not_sent(ehr, climb: str) -> None:
+    ehr.expect_request(f"{BASE_PATH}/Coverage").respond_with_json({"resourceType": "Bundle", "type": "searchset"})
+    outcome = fetch(FhirClient([origin(ehr)], 5), ehr, {"coverage": climb})
+    assert outcome.failed == {"coverage"}
+    assert ehr.log == []
+
+
+@pytest.mark.parametrize("climb", CLIMBS)
+def test_next_link_that_climbs_is_not_followed(ehr, climb: str) -> None:
+    first = {"resourceType": "Bundle", "type": "searchset", "entry": [],
+             "link": [{"relation": "next", "url": f"{ehr.url_for(BASE_PATH)}/{climb}"}]}
+    ehr.expect_request(f"{BASE_PATH}/Coverage").respond_with_json(first)
+    outcome = fetch(FhirClient([origin(ehr)], 5), ehr, {"coverage": "Coverage?patient=p"})
+    assert outcome.failed == {"coverage"}
+    assert [r.path for r, _ in ehr.log] == [f"{BASE_PATH}/Coverage"]
+
+
+@pytest.mark.parametrize("climb", CLIMBS)
+def test_redirect_that_climbs_is_not_followed(ehr, climb: str) -> None:
+    ehr.expect_request(f"{BASE_PATH}/Coverage").respond_with_response(
+        Response(status=302, headers={"Location": f"{ehr.url_for(BASE_PATH)}/{climb}"}))
+    outcome = fetch(FhirClient([origin(ehr)], 5), ehr, {"coverage": "Coverage?patient=p"})
+    assert outcome.failed == {"coverage"}
+    assert [r.path for r, _ in ehr.log] == [f"{BASE_PATH}/Coverage"]
+
+
+# -- issue 13, finding 8: a server that trickles its answer holds no fetch thread past the budget --------------
+
+
+class TricklingServer:
+    """A raw HTTP server on 127.0.0.1. A query with `slow-head` in it gets its header lines one every 0.1 s
+    (for 10 s), one with `slow-body` gets its body one byte every 0.1 s; anything else a searchset at once."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}{BASE_PATH}"
+        self._stop = threading.Event()
+        self.requests: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(15)
+            request = b""
+            try:
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    request += chunk
+                line = request.split(b"\r\n", 1)[0].decode()
+                self.requests.append(line)
+                body = json.dumps({"resourceType": "Bundle", "type": "searchset", "entry": [
+                    {"resource": {"resourceType": "Coverage", "id": "c1"}}]}).encode()
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {len(body)}\r\n"
+                if "slow-head" in line:
+                    conn.sendall(head.encode())
+                    for n in range(100):
+                        if self._stop.wait(0.1):
+                            return
+                        conn.sendall(f"X-Pad-{n}: x\r\n".encode())
+                    conn.sendall(b"\r\n" + body)
+                elif "slow-body" in line:
+                    conn.sendall(head.replace(str(len(body)), "1000").encode() + b"\r\n")
+                    for _ in range(1000):
+                        if self._stop.wait(0.1):
+                            return
+                        conn.sendall(b" ")
+                else:
+                    conn.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+            except OSError:
+                return  # the client gave up on us: what the service is meant to do
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._listener.close()
+
+
+@pytest.fixture
+def trickling() -> Iterator[TricklingServer]:
+    server = TricklingServer()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("slow", ["slow-head", "slow-body"])
+def test_trickling_server_does_not_starve_the_pool_for_later_calls(trickling, slow: str) -> None:
+    client = FhirClient([f"http://127.0.0.1:{trickling.port}"], 0.5, threads=2)
+    stalled = client.fetch(trickling.base, None, {"coverage": f"Coverage?patient={slow}",
+                                                  "conditions": f"Coverage?patient={slow}-2"}, "unit-test")
+    assert stalled.failed == {"coverage", "conditions"}  # the budget is kept, as before
+    # Both fetch threads were on the slow origin; the next calls must find them free again.
+    for _ in range(3):
+        healthy = client.fetch(trickling.base, None, {"coverage": "Coverage?patient=p"}, "unit-test")
+        assert not healthy.failed, "the fetch threads were still held by the trickling answers"
+        assert healthy.values["coverage"]["entry"][0]["resource"]["id"] == "c1"

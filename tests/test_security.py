@@ -26,7 +26,8 @@ SANDBOX = "https://sandbox.cds-hooks.org"
 
 
 def make_app(tmp_path: Path, **overrides: Any):
-    base = {"dev": True, "database_url": f"sqlite:///{tmp_path / 'security.sqlite3'}", **overrides}
+    base = {"dev": True, "database_url": f"sqlite:///{tmp_path / 'security.sqlite3'}",
+            "public_url": "https://cds.example.org", **overrides}  # production mode requires it
     return create_app(Settings(**base))
 
 
