@@ -77,7 +77,9 @@ class CardBuilder:
         """The card for one decision. `base_url`: this service's public URL, for the policy page link."""
         policy = self.policy
         order = decision.order
-        offered = [a for a in policy.alternatives if a.conditional != "chiropractic" or decision.chiropractic.offer]
+        recorded = decision.chiropractic.contraindications
+        offered = [a for a in policy.alternatives if not recorded.intersection(a.withheld_when)
+                   and (a.conditional != "chiropractic" or decision.chiropractic.offer)]
         suggestions, suggestion_ids = [], {}
         ids = new_ids(1 + 2 * len(offered))  # the card's, and per suggestion its own and its new order's
         # CRD Propose Alternate Request: each suggestion deletes the draft and creates the alternative, so
@@ -114,7 +116,7 @@ class CardBuilder:
             number=policy.number,
             revision_date=policy.revision_date,
             alternatives=policy.card["alternatives_offered"] if buttons else self._listed.substitute(
-                list="; ".join(a.card_text for a in offered)),
+                list="; ".join(a.card_text for a in offered)) if offered else "",
             also_covered=self._also_covered,
             notes="".join(f"\n{note}\n" for note in notes),
             policy_page_link=policy.card["policy_page_link"],

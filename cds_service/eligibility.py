@@ -51,6 +51,7 @@ class ChiroStatus:
     offer: bool
     note: str | None  # message key in policy.messages for the card detail
     label_suffix: str = ""
+    contraindications: frozenset[str] = frozenset()  # kinds recorded: they withhold alternatives (alternatives.json)
 
 
 # -- plan membership ---------------------------------------------------------------------------------------
@@ -164,7 +165,9 @@ class CodeIndex:
     (ICD-10-CM dots ignored). Looking a coding up costs one probe per distinct prefix length, whatever the
     number of codes listed."""
 
-    def __init__(self, labelled: Iterable[tuple[Any, Iterable[dict[str, Any]]]]) -> None:
+    def __init__(self, labelled: Iterable[tuple[Any, Iterable[dict[str, Any]]]],
+                 aliases: dict[str, str] | None = None) -> None:
+        self.aliases = {k: v for k, v in (aliases or {}).items() if not k.startswith("_")}
         self.exact: dict[tuple[str, str], Any] = {}
         self.prefixes: dict[tuple[str, str], Any] = {}
         lengths: set[int] = set()
@@ -186,7 +189,8 @@ class CodeIndex:
             if not isinstance(coding, dict) or not isinstance(coding.get("system"), str) \
                     or not isinstance(coding.get("code"), str):
                 continue
-            system, code = coding["system"], _code_key(coding["system"], coding["code"])
+            system = self.aliases.get(coding["system"], coding["system"])
+            code = _code_key(system, coding["code"])
             if (system, code) in self.exact:
                 found.add(self.exact[(system, code)])
             for length in self.lengths:
@@ -201,8 +205,8 @@ class CodeIndex:
 class ValueSet(CodeIndex):
     """One value set of conditions.json."""
 
-    def __init__(self, entries: Iterable[dict[str, Any]]) -> None:
-        super().__init__([(True, entries)])
+    def __init__(self, entries: Iterable[dict[str, Any]], aliases: dict[str, str] | None = None) -> None:
+        super().__init__([(True, entries)], aliases)
 
     def matches(self, concept: Any) -> bool:
         return bool(self.labels(concept))
@@ -216,6 +220,13 @@ def _codes(concept: Any) -> set[str]:
 def is_active(condition: dict[str, Any]) -> bool:
     """clinicalStatus active / recurrence / relapse, and not entered-in-error or refuted."""
     return bool(_codes(condition.get("clinicalStatus")) & ACTIVE_CLINICAL) and not is_refuted(condition)
+
+
+def may_be_present(condition: dict[str, Any]) -> bool:
+    """Active, or with no clinical status at all, and not refuted: enough to withhold an unsafe order (a
+    missing status is no evidence that a fracture or an infection has resolved)."""
+    status = _codes(condition.get("clinicalStatus"))
+    return (not status or bool(status & ACTIVE_CLINICAL)) and not is_refuted(condition)
 
 
 def is_refuted(condition: dict[str, Any]) -> bool:
@@ -257,50 +268,80 @@ def onset_window(condition: dict[str, Any], cutoff: date) -> str:
 RADICULOPATHY = "radiculopathy"
 
 
+TEXT_READ = 300  # characters of each text read for contraindication words (a bounded cost per text)
+
+
+def concept_texts(concept: Any) -> list[str]:
+    """The text and coding displays of a CodeableConcept, each cut to TEXT_READ characters."""
+    if not isinstance(concept, dict):
+        return []
+    texts = [concept.get("text")] + [c.get("display") for c in _as_list(concept.get("coding")) if isinstance(c, dict)]
+    return [t[:TEXT_READ] for t in texts if isinstance(t, str) and t]
+
+
 @dataclass(frozen=True)
 class ChiroRules:
     """conditions.json compiled once per policy: one index labels each code with its contraindication kind
-    (rank = position in the file, the first kind found is the one named) or RADICULOPATHY."""
+    (rank = position in the file, the first kind found is the one named) or RADICULOPATHY; `words` finds a kind
+    named in free text."""
     index: CodeIndex
     kinds: tuple[str, ...]
+    words: tuple[tuple[str, re.Pattern[str]], ...]
     low_back_pain: ValueSet
     window_days: int
 
-    def findings(self, concepts: Iterable[Any]) -> tuple[str | None, bool]:
-        """(the first contraindication kind, any radiculopathy) among CodeableConcepts."""
+    def findings(self, concepts: Iterable[Any]) -> tuple[frozenset[str], bool]:
+        """(the contraindication kinds, any radiculopathy) among CodeableConcepts, by code or by word."""
         labels: set[Any] = set()
+        texts: list[str] = []
         for concept in concepts:
             labels |= self.index.labels(concept)
-        kinds = [k for k in self.kinds if k in labels]
-        return (kinds[0] if kinds else None), RADICULOPATHY in labels
+            texts += concept_texts(concept)
+        if texts:
+            text = "\n".join(texts).casefold()
+            labels |= {kind for kind, pattern in self.words if pattern.search(text)}
+        return frozenset(k for k in self.kinds if k in labels), RADICULOPATHY in labels
+
+    def first(self, kinds: Iterable[str]) -> str | None:
+        """The kind named on the card: the first, in the file's order, of those recorded."""
+        recorded = set(kinds)
+        return next((k for k in self.kinds if k in recorded), None)
 
 
 @lru_cache(maxsize=8)
 def chiro_rules(policy: Policy) -> ChiroRules:
     conditions = policy.conditions
+    aliases = conditions.get("system_aliases", {})
     contraindications = {k: v for k, v in conditions["contraindications"].items() if not k.startswith("_")}
     index = CodeIndex([*((kind, value["codes"]) for kind, value in contraindications.items()),
-                       (RADICULOPATHY, conditions["radiculopathy"])])
-    return ChiroRules(index, tuple(contraindications), ValueSet(conditions["low_back_pain"]),
+                       (RADICULOPATHY, conditions["radiculopathy"])], aliases)
+    words = tuple((kind, re.compile(r"(?<![a-z0-9])(?:" + "|".join(re.escape(w.casefold()) for w in value["words"])
+                                    + r")(?![a-z])"))
+                  for kind, value in contraindications.items() if value.get("words"))
+    return ChiroRules(index, tuple(contraindications), words, ValueSet(conditions["low_back_pain"], aliases),
                       int(conditions["onset_window_days"]))
 
 
 @dataclass(frozen=True)
 class PatientChiro:
     """The patient-level part of the chiropractic rule, computed once per call; `for_order` adds each
-    sacroplasty order's own reasons."""
-    contraindication: str | None  # kind recorded on an active Condition
+    sacroplasty order's own code and reasons."""
+    contraindications: frozenset[str]  # kinds recorded on a Condition that may be present
     radiculopathy: bool
     status: ChiroStatus  # the answer when no contraindication or radiculopathy is recorded
     conditions_by_reference: dict[str, dict[str, Any]]  # "Condition/<id>" → Condition, for reasonReference
 
     def for_order(self, order: dict[str, Any] | None, policy: Policy) -> ChiroStatus:
         rules = chiro_rules(policy)
-        kind, radiculopathy = rules.findings(order_reasons(order, self.conditions_by_reference)) \
-            if isinstance(order, dict) else (None, False)
-        ranked = [k for k in rules.kinds if k in (kind, self.contraindication)]
-        if ranked:
-            return ChiroStatus(False, f"chiro_contraindicated_{ranked[0]}")
+        if isinstance(order, dict):
+            concepts = [order.get("code"), *order_reasons(order, self.conditions_by_reference)]
+            kinds, radiculopathy = rules.findings(concepts)
+        else:
+            kinds, radiculopathy = frozenset(), False
+        kinds = kinds | self.contraindications
+        first = rules.first(kinds)
+        if first:
+            return ChiroStatus(False, f"chiro_contraindicated_{first}", contraindications=kinds)
         if radiculopathy or self.radiculopathy:
             return ChiroStatus(False, "chiro_radiculopathy")
         return self.status
@@ -338,13 +379,13 @@ def patient_chiropractic(ctx: PatientContext, policy: Policy, today: date) -> Pa
     """What the patient's conditions say about chiropractic, before any order's reasons are read."""
     messages = policy.messages
     if ctx.conditions is None or "conditions" in ctx.unavailable:
-        return PatientChiro(None, False, ChiroStatus(True, "chiro_unknown", messages["chiro_label_unknown"]), {})
+        return PatientChiro(frozenset(), False, ChiroStatus(True, "chiro_unknown", messages["chiro_label_unknown"]), {})
     rules = chiro_rules(policy)
     by_reference = {f"Condition/{c['id']}": c for c in ctx.conditions
                     if isinstance(c, dict) and isinstance(c.get("id"), str)}
-    active = [c for c in ctx.conditions if isinstance(c, dict) and is_active(c)]
-    kind, radiculopathy = rules.findings(c.get("code") for c in active)
-    back_pain = [c for c in active if rules.low_back_pain.matches(c.get("code"))]
+    present = [c for c in ctx.conditions if isinstance(c, dict) and may_be_present(c)]
+    kinds, radiculopathy = rules.findings(c.get("code") for c in present)
+    back_pain = [c for c in present if is_active(c) and rules.low_back_pain.matches(c.get("code"))]
     if not back_pain:
         status = ChiroStatus(True, "chiro_no_problem", messages["chiro_label_onset_unknown"])
     else:
@@ -356,7 +397,7 @@ def patient_chiropractic(ctx: PatientContext, policy: Policy, today: date) -> Pa
             status = ChiroStatus(True, "chiro_onset_unknown", messages["chiro_label_onset_unknown"])
         else:
             status = ChiroStatus(False, "chiro_too_late")
-    return PatientChiro(kind, radiculopathy, status, by_reference)
+    return PatientChiro(kinds, radiculopathy, status, by_reference)
 
 
 def chiropractic_status(ctx: PatientContext, policy: Policy, today: date,

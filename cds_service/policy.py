@@ -26,6 +26,7 @@ class Alternative:
     codings: tuple[dict[str, str], ...]
     conditional: str | None = None
     reasons_that_fit: tuple[str, ...] = ()  # conditions.json value sets whose reasonCode the created order copies
+    withheld_when: tuple[str, ...] = ()  # conditions.json contraindication kinds that rule the one-click order out
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def load_policy(folder: Path) -> Policy:
                     codings=tuple(a["codings"]),
                     conditional=a.get("conditional"),
                     reasons_that_fit=tuple(a["reasons_that_fit"]),
+                    withheld_when=tuple(a["withheld_when"]),
                 )
                 for a in alternatives["orderable"]
             ),
@@ -135,9 +137,11 @@ def load_policy(folder: Path) -> Policy:
     except (KeyError, TypeError) as exc:
         raise PolicyError(f"{folder}: malformed policy data ({exc!r})") from exc
     unknown = {name for a in policy.alternatives for name in a.reasons_that_fit} - set(policy.conditions)
+    unknown |= {kind for a in policy.alternatives for kind in a.withheld_when} \
+        - set(policy.conditions.get("contraindications", {}))
     if unknown:
-        raise PolicyError(f"{folder / 'alternatives.json'}: reasons_that_fit names no value set of "
-                          f"conditions.json: {', '.join(sorted(unknown))}")
+        raise PolicyError(f"{folder / 'alternatives.json'}: reasons_that_fit / withheld_when name no value "
+                          f"set or contraindication of conditions.json: {', '.join(sorted(unknown))}")
     return policy
 
 

@@ -186,3 +186,95 @@ def test_policy_page_is_public_in_production(tmp_path) -> None:
     app = create_app(Settings(dev=False, public_url="https://cds.example.org",
                               database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}"))
     assert app.test_client().get(f"/policies/{POLICY.id}").status_code == 200
+
+
+# -- contraindications, however they are recorded (second clinical review) ------------------------------------
+
+def _member_with_recent_back_pain() -> dict:
+    from test_eligibility import shifted, today_utc
+
+    return shifted(load_fixture("patient-member.json"), today_utc())
+
+
+def _condition(code: dict, **extra) -> dict:
+    condition = {"resourceType": "Condition", "id": f"c-{abs(hash(str(code))) % 10**6}", "code": code,
+                 "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                                "code": "active"}]},
+                 "subject": {"reference": "Patient/pt-sh-1001"}}
+    condition.update(extra)
+    return condition
+
+
+def _add_condition(body: dict, condition: dict) -> dict:
+    body["prefetch"]["conditions"]["entry"].append({"resource": condition})
+    return body
+
+
+def _offered(client, body: dict) -> tuple[dict, set[str]]:
+    cards = post(client, body).get_json()["cards"]
+    assert len(cards) == 1
+    codes = {a["resource"]["code"]["coding"][0]["code"] for s in cards[0].get("suggestions", [])
+             for a in s["actions"] if a["type"] == "create"}
+    by_code = {c["code"]: a.id for a in POLICY.alternatives for c in a.codings}
+    return cards[0], {by_code[c] for c in codes}
+
+
+def test_the_member_with_recent_back_pain_is_offered_chiropractic(client) -> None:
+    _, offered = _offered(client, _member_with_recent_back_pain())
+    assert "chiropractic-manipulation" in offered  # the baseline the cases below change
+
+
+def _order(body: dict) -> dict:
+    return body["context"]["draftOrders"]["entry"][0]["resource"]
+
+
+RECORDED_ELSEWHERE = {
+    "icd10cm-under-its-oid": lambda b: _add_condition(b, _condition(
+        {"coding": [{"system": "urn:oid:2.16.840.1.113883.6.90", "code": "S32.10XA"}]})),
+    "who-icd10-system": lambda b: _add_condition(b, _condition(
+        {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "S32.1"}]})),
+    "no-clinical-status": lambda b: _add_condition(b, {
+        **_condition({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "M84.48XA"}]}),
+        "clinicalStatus": None}),
+    "unlisted-snomed-code-named-in-display": lambda b: _add_condition(b, _condition(
+        {"coding": [{"system": "http://snomed.info/sct", "code": "1234567008",
+                     "display": "Fracture of sacrum (disorder)"}]})),
+    "reason-as-text-only": lambda b: _order(b).update(
+        {"reasonCode": [{"text": "Sacral insufficiency fracture"}]}) or b,
+    "order-text-names-a-metastasis": lambda b: _order(b)["code"].update(
+        {"text": "Sacroplasty for sacral metastasis"}) or b,
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECORDED_ELSEWHERE))
+def test_a_contraindication_recorded_in_any_form_withholds_chiropractic(client, case: str) -> None:
+    body = RECORDED_ELSEWHERE[case](_member_with_recent_back_pain())
+    card, offered = _offered(client, body)
+    assert "chiropractic-manipulation" not in offered, case
+    assert "chiro_offered" not in card["detail"] and "no radiculopathy or contraindication" not in card["detail"]
+
+
+@pytest.mark.parametrize("code, kind", [("M46.28", "spinal_infection"), ("G83.4", "cauda_equina")])
+def test_infection_or_cauda_equina_withholds_every_one_click_order(client, code: str, kind: str) -> None:
+    body = _add_condition(_member_with_recent_back_pain(),
+                          _condition({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": code}]}))
+    card, offered = _offered(client, body)
+    assert offered == set() and "suggestions" not in card
+    assert POLICY.messages[f"chiro_contraindicated_{kind}"] in card["detail"]
+    assert len(shown_words(card["detail"])) <= MAX_DETAIL_WORDS
+
+
+def test_a_fracture_withholds_chiropractic_but_not_the_injections(client) -> None:
+    body = _add_condition(_member_with_recent_back_pain(), _condition(
+        {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "S32.10XA"}]}))
+    _, offered = _offered(client, body)
+    assert offered == {a.id for a in POLICY.alternatives} - {"chiropractic-manipulation"}
+
+
+def test_chronic_low_back_pain_never_starts_the_four_weeks(client) -> None:
+    body = _member_with_recent_back_pain()
+    condition = body["prefetch"]["conditions"]["entry"][0]["resource"]
+    condition["code"] = {"coding": [{"system": "http://snomed.info/sct", "code": "278860009",
+                                     "display": "Chronic low back pain (finding)"}]}
+    card, _ = _offered(client, body)
+    assert POLICY.messages["chiro_offered"] not in card["detail"]

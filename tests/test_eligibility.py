@@ -372,6 +372,7 @@ CONTRAINDICATED = [
     ("cauda_equina", ICD, "G83.4"), ("cauda_equina", ICD, "S34.3XXA"),
     ("spinal_infection", ICD, "M46.26"), ("spinal_infection", ICD, "M46.37"), ("spinal_infection", ICD, "M46.48"),
     ("spinal_infection", ICD, "M46.56"), ("spinal_infection", ICD, "G06.1"), ("spinal_infection", ICD, "A18.01"),
+    ("spinal_infection", SCT, "202752002"),
 ]
 
 
@@ -381,7 +382,9 @@ def test_every_kind_is_tested_and_has_its_message() -> None:
         {kind for kind, value in KINDS.items() if any(e["system"] == SCT for e in value["codes"])}
     for kind, value in KINDS.items():
         message = MESSAGES[f"chiro_contraindicated_{kind}"]
-        assert value["name"] in message and message.startswith("Chiropractic manipulation is not offered")
+        withholds_all = all(kind in a.withheld_when for a in POLICY.alternatives)
+        opening = "No alternative is offered as one click" if withholds_all else "Chiropractic manipulation is not offered"
+        assert value["name"] in message and message.startswith(opening), kind
     assert {k for k in MESSAGES if k.startswith("chiro_contraindicated_")} == \
         {f"chiro_contraindicated_{kind}" for kind in KINDS}
 
