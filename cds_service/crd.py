@@ -20,6 +20,7 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from .decide import Decision
 from .errors import bad_request
+from .patient import FHIR_ID
 from .policy import Policy, PolicyError
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def requested_kinds(extension: dict[str, Any], policy: Policy) -> ResponseKinds:
 
 
 def _coverage_reference(coverage: dict[str, Any] | None) -> str | None:
-    if isinstance(coverage, dict) and isinstance(coverage.get("id"), str) and coverage["id"]:
+    """Coverage/id, echoed into every update: only for an id that is one (FHIR: at most 64 characters)."""
+    if isinstance(coverage, dict) and isinstance(coverage.get("id"), str) and FHIR_ID.fullmatch(coverage["id"]):
         return f"Coverage/{coverage['id']}"
     return None
 

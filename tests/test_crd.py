@@ -333,6 +333,17 @@ def test_no_system_action_without_a_known_coverage_but_the_card_shows(client, co
     assert not result.get("systemActions")
 
 
+@pytest.mark.parametrize("coverage_id", ["c" * 65, "cov 1", "cov/1", ""])
+def test_no_system_action_for_a_coverage_id_that_is_not_a_fhir_id(client, coverage_id: str) -> None:
+    """Coverage/id is echoed into every update: a FHIR id (at most 64 characters of [A-Za-z0-9-.]) or none."""
+    body = load_fixture(FIXTURE)
+    assert answer(client, body).get("systemActions")
+    body["prefetch"]["coverage"]["entry"][0]["resource"]["id"] = coverage_id
+    result = answer(client, body)
+    assert len(result["cards"]) == 1
+    assert not result.get("systemActions")
+
+
 @pytest.mark.parametrize("mutation", ["extension-null", "extension-object", "contained-unknown-type",
                                       "not-fhir-element"])
 def test_a_draft_that_is_not_valid_fhir_never_breaks_the_answer(client, mutation: str) -> None:
