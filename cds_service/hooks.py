@@ -106,16 +106,16 @@ def _check_cost(entries: list[Any]) -> None:
         if not isinstance(resource, dict):
             continue
         raw = _dumps(resource)
-        if len(raw) <= fast_size:
+        if limits.SHORTCUTS and len(raw) <= fast_size:
             count = (len(raw) + 1) // 2
         else:
             count, excess = limits.measure(resource, limits.MAX_ORDER_ELEMENTS, {})
             if excess is not None:
                 field = excess.field(f"context.draftOrders.entry[{index}].resource")
                 raise too_large(excess.what, limits.describe(excess, field), field)
-        if len(raw) > limits.MAX_COPIED_BYTES:  # else what it copies is smaller still
+        if not limits.SHORTCUTS or len(raw) > limits.MAX_COPIED_BYTES:  # else what it copies is smaller still
             _within_copied(resource, f"context.draftOrders.entry[{index}].resource")
-        if raw.count(b",") >= smallest_array_cap:  # else no array can hold more than any array cap
+        if not limits.SHORTCUTS or raw.count(b",") >= smallest_array_cap:  # else no array can hold more than any array cap
             _within_arrays(resource, f"context.draftOrders.entry[{index}].resource")
         total += count
     if total > limits.MAX_DRAFT_ELEMENTS:  # on bounds, maybe: count exactly before refusing

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import orjson
+
 from . import limits
 from .fhir import FhirClient
 from .hooks import HookRequest
@@ -115,6 +117,11 @@ def _over_cap(key: str, value: Any, hook: str, source: str) -> bool:
     """Does this key's data go beyond the cost model? Logged with the cap and sizes only, never content."""
     if not isinstance(value, (dict, list)):
         return False
+    try:
+        if limits.surely_within(orjson.dumps(value), limits.MAX_PREFETCH_ELEMENTS, limits.PREFETCH_ARRAYS):
+            return False
+    except TypeError:  # an integer beyond 64 bits (not from orjson.loads): measured below
+        pass
     _, excess = limits.measure(value, limits.MAX_PREFETCH_ELEMENTS, limits.PREFETCH_ARRAYS)
     if excess is None:
         return False
