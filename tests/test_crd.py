@@ -367,6 +367,25 @@ def test_a_draft_that_is_not_valid_fhir_never_breaks_the_answer(client, mutation
     assert len(result.get("systemActions", [])) == (1 if mutation == "extension-null" else 0)
 
 
+@pytest.mark.parametrize("earlier", [False, True])
+def test_an_invalid_draft_is_validated_once_unless_an_earlier_assertion_was_removed(client, monkeypatch,
+                                                                                    earlier: bool) -> None:
+    """Validation is the costliest step: an invalid order that only gains our extension stays invalid, so it
+    is not validated again; one that loses an earlier (broken) assertion may have become valid, so it is."""
+    body = load_fixture(FIXTURE)
+    reference = prefetched_coverage_reference(body)
+    broken = {"url": COVERAGE_INFORMATION, "extension": [
+        {"url": "coverage", "valueReference": {"reference": reference}}, {"url": "covered", "valueCode": 7}]}
+    draft(body)["extension"] = [broken] if earlier else [{"valueString": "no url"}]
+    calls = []
+    original = crd._valid_r4
+    monkeypatch.setattr(crd, "_valid_r4", lambda resource: calls.append(1) or original(resource))
+    result = answer(client, body)
+    assert len(result["cards"]) == 1
+    assert len(calls) == (1 if earlier else 0)
+    assert len(result.get("systemActions", [])) == (1 if earlier else 0)
+
+
 def test_coverage_information_only_for_sacroplasty_orders(client) -> None:
     body = load_fixture("order-sign-mixed.json")
     result = answer(client, body)
