@@ -37,7 +37,7 @@ def _cap(name: str, default: int, environ: Mapping[str, str] | None = None) -> i
 # -- draft orders (context.draftOrders): beyond a cap the call gets 413 naming the field --------------------
 MAX_ORDER_ELEMENTS = _cap("MAX_ORDER_ELEMENTS", 2_000)  # JSON values (objects, arrays, scalars) per order
 MAX_DRAFT_ELEMENTS = _cap("MAX_DRAFT_ELEMENTS", 20_000)  # JSON values over all orders of one call
-MAX_CODINGS = _cap("MAX_CODINGS", 50)  # entries of any `coding` array (codings per CodeableConcept)
+MAX_CODINGS = _cap("MAX_CODINGS", 50)  # codings per CodeableConcept (an order's code and reasons; any in prefetch)
 MAX_REASONS = _cap("MAX_REASONS", 50)  # entries of reasonCode, and of reasonReference
 MAX_CONTAINED = _cap("MAX_CONTAINED", 50)  # contained resources per resource
 MAX_STRING_LENGTH = _cap("MAX_STRING_LENGTH", 10_000)  # characters of any one string
@@ -63,8 +63,8 @@ COPIED_ELEMENTS = ("subject", "encounter", "requester", "authoredOn", "reasonRef
 # within the caps"; turned off, every value is walked exactly (tests measure the work of that, the worst case).
 SHORTCUTS = True
 
-# Arrays with a cap of their own, by key, wherever they occur.
-# Draft orders: reasonCode, reasonReference and contained of the order, codings of its code and reasons.
+# Arrays with a cap of their own, by key. Draft orders: the order's reasonCode, reasonReference and contained,
+# the codings of its code and reasons (hooks.py).
 ORDER_ARRAYS: dict[str, int] = {
     "coding": MAX_CODINGS,
     "reasonCode": MAX_REASONS,
