@@ -305,10 +305,10 @@ JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(alphabet=',[{"\\ab', max_size=30),
     lambda children: st.lists(children, max_size=60) | st.dictionaries(
         st.sampled_from(["coding", "payor", "entry", "text", "a,b", "[{"]), children, max_size=6),
-    max_leaves=400)
+    max_leaves=200)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(value=JSON, max_elements=st.integers(1, 300))
 def test_the_shortcuts_never_accept_what_the_walk_refuses(value: Any, max_elements: int) -> None:
     raw = orjson.dumps(value)
