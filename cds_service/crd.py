@@ -20,6 +20,7 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from .decide import Decision
 from .errors import bad_request
+from .patient import FHIR_ID
 from .policy import Policy, PolicyError
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def requested_kinds(extension: dict[str, Any], policy: Policy) -> ResponseKinds:
 
 
 def _coverage_reference(coverage: dict[str, Any] | None) -> str | None:
-    if isinstance(coverage, dict) and isinstance(coverage.get("id"), str) and coverage["id"]:
+    """Coverage/id, echoed into every update: only for an id that is one (FHIR: at most 64 characters)."""
+    if isinstance(coverage, dict) and isinstance(coverage.get("id"), str) and FHIR_ID.fullmatch(coverage["id"]):
         return f"Coverage/{coverage['id']}"
     return None
 
@@ -181,8 +183,14 @@ def coverage_actions(decisions: list[Decision], policy: Policy, today: date) -> 
         resource = orjson.loads(orjson.dumps(order))  # a deep copy, 8x faster than copy.deepcopy
         resource["extension"] = [e for e in resource.get("extension") or [] if not _refers_to(e, reference)] + [ours]
         # Only coverage-information extensions changed, ours valid by construction: a valid order stays valid.
-        if not decision.order_is_valid and not _valid_r4(resource):
-            continue
+        # An invalid one stays invalid when ours was only appended to its (non-empty) extensions: nothing of
+        # it was removed, so it is not validated a second time (the costliest step, bounded by the caps).
+        if not decision.order_is_valid:
+            if not earlier and existing:
+                log.warning("coverage-information update left out: the draft order is not valid FHIR R4")
+                continue
+            if not _valid_r4(resource):
+                continue
         actions.append({
             "type": "update",
             "description": policy.crd["coverage_action_description"],

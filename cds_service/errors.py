@@ -24,3 +24,12 @@ class ApiError(Exception):
 
 def bad_request(message: str, field: str | None = None) -> ApiError:
     return ApiError(400, "invalid_request", message, field)
+
+
+# The `error` code of a 413, by which cap of limits.py was gone beyond.
+_TOO_LARGE = {"elements": "too_many_elements", "items": "too_many_items", "text": "text_too_long"}
+
+
+def too_large(what: str, message: str, field: str | None = None) -> ApiError:
+    """413: the request carries more than the service's cost model accepts (limits.py)."""
+    return ApiError(413, _TOO_LARGE.get(what, "request_too_large"), message, field)

@@ -1,15 +1,20 @@
 """Hook request (parsed JSON) → validated context, per CDS Hooks 2.0 and the order-select / order-sign hooks.
 
 Unknown fields are ignored, as the spec allows. Imperfect FHIR inside draftOrders is tolerated: orders that
-cannot be read are skipped, never a reason for an error.
+cannot be read are skipped, never a reason for an error. What is refused is size beyond the cost model of
+limits.py (413 naming the field): every later step is then bounded, whatever the orders hold.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ApiError, bad_request
+import orjson
+
+from . import limits
+from .errors import ApiError, bad_request, too_large
 
 JUDGED_STATUSES = {"draft", "active"}
 
@@ -38,6 +43,90 @@ def _string(container: dict[str, Any], key: str, where: str, required: bool = Tr
     return value
 
 
+def _identifier(container: dict[str, Any], key: str, where: str, required: bool = True) -> str | None:
+    """A context id: a non-empty string of at most MAX_ID_LENGTH characters (it is echoed into created orders)."""
+    value = _string(container, key, where, required)
+    if value is not None and len(value) > limits.MAX_ID_LENGTH:
+        raise bad_request(f"{where}{key} is {len(value)} characters long; an id has at most "
+                          f"{limits.MAX_ID_LENGTH}", f"{where}{key}")
+    return value
+
+
+def _within_arrays(resource: dict[str, Any], where: str) -> None:
+    """The array caps of a draft order (limits.py), on the arrays the service reads or copies into created orders:
+    reasonCode, reasonReference, contained, and the codings of code and of each reason."""
+    for key in ("reasonCode", "reasonReference", "contained"):
+        value = resource.get(key)
+        if isinstance(value, list) and len(value) > limits.ORDER_ARRAYS[key]:
+            raise too_large("items", f"{where}.{key} has {len(value)} entries; at most "
+                            f"{limits.ORDER_ARRAYS[key]} are accepted", f"{where}.{key}")
+    concepts = [("code", resource.get("code"))]
+    reasons = resource.get("reasonCode")
+    if isinstance(reasons, list):
+        concepts += [(f"reasonCode[{i}]", concept) for i, concept in enumerate(reasons)]
+    for name, concept in concepts:
+        codings = concept.get("coding") if isinstance(concept, dict) else None
+        if isinstance(codings, list) and len(codings) > limits.MAX_CODINGS:
+            raise too_large("items", f"{where}.{name}.coding has {len(codings)} entries; at most "
+                            f"{limits.MAX_CODINGS} are accepted", f"{where}.{name}.coding")
+
+
+def _dumps(value: Any) -> bytes:
+    """Compact JSON; through the standard library when orjson cannot (an integer beyond 64 bits, which a body
+    parsed by orjson never holds, but one built otherwise could)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def _within_copied(resource: dict[str, Any], where: str) -> None:
+    """MAX_COPIED_BYTES on what every created order copies from the draft (limits.COPIED_ELEMENTS)."""
+    sizes = {key: len(_dumps(resource[key])) for key in limits.COPIED_ELEMENTS if key in resource}
+    if sum(sizes.values()) > limits.MAX_COPIED_BYTES:
+        largest = max(sizes, key=sizes.__getitem__)
+        raise too_large("text", f"{where}.{largest} and the other elements a suggested order copies "
+                        f"({', '.join(sizes)}) take {sum(sizes.values())} bytes as JSON; at most "
+                        f"{limits.MAX_COPIED_BYTES} are accepted", f"{where}.{largest}")
+
+
+def _check_cost(entries: list[Any]) -> None:
+    """The cost model of the draft orders (limits.py): 413 naming the first field beyond a cap.
+
+    The common order (tens of values, under a kilobyte) costs one serialization at C speed, several times
+    cheaper than a walk in Python: a JSON text of n bytes holds at most (n + 1) / 2 values and no string
+    longer than n, and an array of more than k entries needs k commas. Any other order is walked exactly,
+    in one pass that stops at the first cap (so refusing costs no more than accepting an order at the cap).
+    """
+    total = 0
+    fast_size = min(2 * limits.MAX_ORDER_ELEMENTS - 1, limits.MAX_STRING_LENGTH)
+    smallest_array_cap = min(limits.ORDER_ARRAYS.values())
+    for index, entry in enumerate(entries):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        raw = _dumps(resource)
+        if limits.SHORTCUTS and len(raw) <= fast_size:
+            count = (len(raw) + 1) // 2
+        else:
+            count, excess = limits.measure(resource, limits.MAX_ORDER_ELEMENTS, {})
+            if excess is not None:
+                field = excess.field(f"context.draftOrders.entry[{index}].resource")
+                raise too_large(excess.what, limits.describe(excess, field), field)
+        if not limits.SHORTCUTS or len(raw) > limits.MAX_COPIED_BYTES:  # else what it copies is smaller still
+            _within_copied(resource, f"context.draftOrders.entry[{index}].resource")
+        if not limits.SHORTCUTS or raw.count(b",") >= smallest_array_cap:  # else no array can hold more than any array cap
+            _within_arrays(resource, f"context.draftOrders.entry[{index}].resource")
+        total += count
+    if total > limits.MAX_DRAFT_ELEMENTS:  # on bounds, maybe: count exactly before refusing
+        total = sum(limits.measure(e["resource"], limits.MAX_DRAFT_ELEMENTS + 1, {})[0] for e in entries
+                    if isinstance(e, dict) and isinstance(e.get("resource"), dict))
+        if total > limits.MAX_DRAFT_ELEMENTS:
+            raise too_large("elements", f"context.draftOrders has more than {limits.MAX_DRAFT_ELEMENTS} JSON "
+                            f"values in its orders; at most {limits.MAX_DRAFT_ELEMENTS} are accepted",
+                            "context.draftOrders")
+
+
 def _reference(resource: dict[str, Any]) -> str | None:
     rtype, rid = resource.get("resourceType"), resource.get("id")
     if isinstance(rtype, str) and isinstance(rid, str):
@@ -64,9 +153,11 @@ def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookReque
     context = body.get("context")
     if not isinstance(context, dict):
         raise bad_request("context must be a JSON object", "context")
-    user_id = _string(context, "userId", "context.")
-    patient_id = _string(context, "patientId", "context.")
+    user_id = _identifier(context, "userId", "context.")
+    patient_id = _identifier(context, "patientId", "context.")
     encounter_id = context.get("encounterId") if isinstance(context.get("encounterId"), str) else None
+    if encounter_id is not None:
+        encounter_id = _identifier(context, "encounterId", "context.", required=False)
 
     bundle = context.get("draftOrders")
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
@@ -78,6 +169,7 @@ def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookReque
         raise ApiError(413, "too_many_orders",
                        f"context.draftOrders has {len(entries)} entries; at most {max_draft_orders} are accepted",
                        "context.draftOrders.entry")
+    _check_cost(entries)
     resources = tuple(
         e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)
     )
@@ -86,6 +178,9 @@ def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookReque
         selections = context.get("selections")
         if not isinstance(selections, list) or not selections or not all(isinstance(s, str) for s in selections):
             raise bad_request("context.selections must be a non-empty list of references", "context.selections")
+        if len(selections) > max_draft_orders:
+            raise ApiError(413, "too_many_items", f"context.selections has {len(selections)} entries; at most "
+                           f"{max_draft_orders} are accepted", "context.selections")
         by_reference = {_reference(r): r for r in resources}
         unknown = [s for s in selections if s not in by_reference]
         if unknown:

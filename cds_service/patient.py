@@ -8,6 +8,9 @@ CDS Hooks 2.0 prefetch semantics, key by key:
 - key absent, or present with something that is not FHIR of the expected type → fetched from `fhirServer`
   when the operator allows that origin (see fhir.py); otherwise unknown (or unavailable, if the client sent
   garbage).
+Whatever its source, a key's data beyond a cap of the cost model (limits.py: entries, values, payors,
+contained resources, codings, text length) is treated as unavailable, as an error from the client would be:
+a part of the list could hide the very Coverage or Condition that decides, so none of it is used.
 The service never answers 412: nothing here is *required* — the card is right without patient data, and
 says what it could not check.
 """
@@ -20,6 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import orjson
+
+from . import limits
 from .fhir import FhirClient
 from .hooks import HookRequest
 
@@ -107,6 +113,25 @@ def _prefetch_state(key: str, value: Any) -> str:
     return "invalid"
 
 
+def _over_cap(key: str, value: Any, hook: str, source: str) -> bool:
+    """Does this key's data go beyond the cost model? Logged with the cap and sizes only, never content."""
+    if not isinstance(value, (dict, list)):
+        return False
+    try:
+        if limits.surely_within(orjson.dumps(value), limits.MAX_PREFETCH_ELEMENTS, limits.PREFETCH_ARRAYS):
+            return False
+    except TypeError:  # an integer beyond 64 bits (not from orjson.loads): measured below
+        pass
+    _, excess = limits.measure(value, limits.MAX_PREFETCH_ELEMENTS, limits.PREFETCH_ARRAYS)
+    if excess is None:
+        return False
+    # The array's name only when it is one of the capped ones: other keys are the client's and could be anything.
+    where = f" ({excess.path[-1]})" if excess.what == "items" else ""
+    log.warning("hookInstance=%s: %s %s goes beyond the cap on %s%s (%d > %d); treated as unavailable",
+                hook, source, key, excess.what, where, excess.size, excess.limit)
+    return True
+
+
 def fallback_query(key: str, patient_id: str) -> str:
     """The prefetch template of `key` for this patient, as the service runs it against fhirServer."""
     query = PREFETCH_TEMPLATES[key].replace("{{context.patientId}}", quote(patient_id, safe=""))
@@ -124,7 +149,9 @@ def gather(hook_request: HookRequest, fhir: FhirClient | None = None) -> Patient
         if key not in prefetch:
             continue
         state = _prefetch_state(key, prefetch[key])
-        if state == "ok":
+        if state == "ok" and _over_cap(key, prefetch[key], hook, "prefetch"):
+            unavailable.add(key)
+        elif state == "ok":
             values[key] = prefetch[key]
         elif state == "error":
             unavailable.add(key)
@@ -140,7 +167,11 @@ def gather(hook_request: HookRequest, fhir: FhirClient | None = None) -> Patient
             queries = {k: fallback_query(k, hook_request.patient_id) for k in missing}
             outcome = fhir.fetch(hook_request.fhir_server, hook_request.fhir_authorization, queries,
                                  hook_request.hook_instance)
-            values.update(outcome.values)
+            for key, value in outcome.values.items():
+                if _over_cap(key, value, hook, "fetched"):
+                    unavailable.add(key)
+                else:
+                    values[key] = value
             unavailable |= outcome.failed
         else:
             log.warning("hookInstance=%s: context.patientId is not a FHIR id; nothing fetched", hook)

@@ -333,6 +333,17 @@ def test_no_system_action_without_a_known_coverage_but_the_card_shows(client, co
     assert not result.get("systemActions")
 
 
+@pytest.mark.parametrize("coverage_id", ["c" * 65, "cov 1", "cov/1", ""])
+def test_no_system_action_for_a_coverage_id_that_is_not_a_fhir_id(client, coverage_id: str) -> None:
+    """Coverage/id is echoed into every update: a FHIR id (at most 64 characters of [A-Za-z0-9-.]) or none."""
+    body = load_fixture(FIXTURE)
+    assert answer(client, body).get("systemActions")
+    body["prefetch"]["coverage"]["entry"][0]["resource"]["id"] = coverage_id
+    result = answer(client, body)
+    assert len(result["cards"]) == 1
+    assert not result.get("systemActions")
+
+
 @pytest.mark.parametrize("mutation", ["extension-null", "extension-object", "contained-unknown-type",
                                       "not-fhir-element"])
 def test_a_draft_that_is_not_valid_fhir_never_breaks_the_answer(client, mutation: str) -> None:
@@ -354,6 +365,25 @@ def test_a_draft_that_is_not_valid_fhir_never_breaks_the_answer(client, mutation
             k: v for k, v in order.items() if k != "extension"}
     # null is the only one we can answer without touching anything but the extensions
     assert len(result.get("systemActions", [])) == (1 if mutation == "extension-null" else 0)
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_an_invalid_draft_is_validated_once_unless_an_earlier_assertion_was_removed(client, monkeypatch,
+                                                                                    earlier: bool) -> None:
+    """Validation is the costliest step: an invalid order that only gains our extension stays invalid, so it
+    is not validated again; one that loses an earlier (broken) assertion may have become valid, so it is."""
+    body = load_fixture(FIXTURE)
+    reference = prefetched_coverage_reference(body)
+    broken = {"url": COVERAGE_INFORMATION, "extension": [
+        {"url": "coverage", "valueReference": {"reference": reference}}, {"url": "covered", "valueCode": 7}]}
+    draft(body)["extension"] = [broken] if earlier else [{"valueString": "no url"}]
+    calls = []
+    original = crd._valid_r4
+    monkeypatch.setattr(crd, "_valid_r4", lambda resource: calls.append(1) or original(resource))
+    result = answer(client, body)
+    assert len(result["cards"]) == 1
+    assert len(calls) == (1 if earlier else 0)
+    assert len(result.get("systemActions", [])) == (1 if earlier else 0)
 
 
 def test_coverage_information_only_for_sacroplasty_orders(client) -> None:

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 
 from cds_service.config import Settings
 from cds_service.eligibility import chiropractic_status, plan_status
-from cds_service.fhir import FhirClient
+from cds_service import limits
+from cds_service.fhir import FetchOutcome, FhirClient
 from cds_service.hooks import parse_hook_request
 from cds_service.patient import PREFETCH_TEMPLATES, fallback_query, from_prefetch, gather
 from cds_service.policy import load_policies
@@ -110,6 +111,35 @@ def test_unlisted_fhir_server_leaves_absent_keys_unknown(caplog) -> None:
     messages = [r.getMessage() for r in caplog.records]
     assert any("'https://ehr.example.org' is not in CDS_FHIR_ALLOWED_ORIGINS" in m for m in messages)
     assert not any("pt-sh-1001" in m for m in messages)
+
+
+class _ServerWithTooMuch:
+    """A FhirClient stand-in whose server answers the coverage search with more payors than the cap."""
+
+    def fetch(self, fhir_server, authorization, queries, hook_instance):  # noqa: ANN001, ANN201
+        bundle = member_prefetch()["coverage"]
+        bundle["entry"][0]["resource"]["payor"] *= limits.MAX_PAYORS + 1
+        return FetchOutcome(values={key: bundle if key == "coverage" else member_prefetch()[key]
+                                    for key in queries})
+
+
+def test_fetched_data_beyond_a_cap_is_unavailable(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="cds_service")
+    ctx = gather(request_with(None, fhirServer="https://ehr.example.org/fhir/R4"), _ServerWithTooMuch())
+    assert ctx.coverages is None and ctx.unavailable == frozenset({"coverage"})
+    assert [c["id"] for c in ctx.conditions] == ["cond-lbp-1001"]  # the other key is used as it came
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("fetched coverage goes beyond the cap on items (payor)" in m for m in messages)
+    assert not any("pt-sh-1001" in m or "Sandhills" in m for m in messages)
+
+
+def test_prefetch_beyond_a_cap_is_unavailable_and_the_rest_is_used() -> None:
+    prefetch = member_prefetch()
+    prefetch["conditions"]["entry"] *= limits.MAX_BUNDLE_ENTRIES + 1
+    ctx = from_prefetch(request_with(prefetch))
+    assert ctx.conditions is None and ctx.unavailable == frozenset({"conditions"})
+    assert [c["id"] for c in ctx.coverages] == ["cov-sh-1001"]
+    assert chiropractic_status(ctx, POLICY, date(2026, 11, 30)).note == "chiro_unknown"
 
 
 def test_fallback_query_renders_the_template_safely() -> None:
