@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from . import limits
 from .decide import Decision
 from .eligibility import ValueSet
 from .hooks import HookRequest
@@ -27,7 +28,7 @@ CRD_ASSOCIATED_RESOURCE = "davinci-crd.associated-resource"
 # (alternatives.json `reasons_that_fit`), since a sacral fracture supports no facet injection (hazard H6).
 CARRIED_OVER = ("subject", "encounter", "requester", "authoredOn", "priority", "insurance")
 # Bounds on what a card echoes from the order (issue 13: a card's size must not grow with the order's).
-MAX_ORDER_NAME = 60  # characters of the order's name in the detail and the delete action
+MAX_ORDER_NAME = limits.MAX_ECHOED_TEXT  # characters of the order's name in the detail and the delete action
 MAX_REASONS_COPIED = 3  # reasonCode concepts a created order copies
 MAX_CODINGS_COPIED = 5  # codings per copied concept
 MAX_REASON_TEXT = 200  # a copied concept's text is dropped beyond this

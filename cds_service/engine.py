@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from . import crd
+from . import crd, limits
 from .cards import CardBuilder, IssuedCard
 from .config import Settings
 from .decide import decide, find_sacroplasty
 from .detect import Detector
+from .errors import too_large
 from .fhir import FhirClient
 from .hooks import HookRequest, parse_hook_request
 from .patient import PREFETCH_TEMPLATES, gather
@@ -74,6 +75,9 @@ class Engine:
         findings = find_sacroplasty(hook_request, self.detector)
         if not findings:
             return {"cards": []}
+        if len(findings) > limits.MAX_SACROPLASTY_ORDERS:  # each costs a card, a validation, a CRD update
+            raise too_large("items", f"context.draftOrders holds {len(findings)} sacroplasty orders; at most "
+                                     f"{limits.MAX_SACROPLASTY_ORDERS} are judged per call", "context.draftOrders")
         now = now or datetime.now(timezone.utc)
         ctx = gather(hook_request, self.fhir)
         decisions = decide(findings, ctx, self.policy, now.date())

@@ -51,12 +51,12 @@ MAX_BUNDLE_ENTRIES = _cap("MAX_BUNDLE_ENTRIES", 1_000)  # entries of one key's B
 MAX_PREFETCH_ELEMENTS = _cap("MAX_PREFETCH_ELEMENTS", 50_000)  # JSON values of one key's data
 MAX_PAYORS = _cap("MAX_PAYORS", 50)  # payor references per Coverage
 # -- applied by cards.py / engine.py (the lead's files) ------------------------------------------------------
-MAX_ECHOED_TEXT = _cap("MAX_ECHOED_TEXT", 200)  # the order's name in the card detail and delete description
+MAX_ECHOED_TEXT = _cap("MAX_ECHOED_TEXT", 60)  # the order's name in the card detail and delete description (short: read at the order)
 MAX_SACROPLASTY_ORDERS = _cap("MAX_SACROPLASTY_ORDERS", 10)  # orders judged sacroplasty in one call (413 beyond)
 
 # What cards.py copies from the draft into every created order (its CARRIED_OVER, plus reasonCode and intent);
 # tests/test_cost.py checks that the two agree.
-COPIED_ELEMENTS = ("subject", "encounter", "requester", "authoredOn", "reasonReference", "priority", "insurance",
+COPIED_ELEMENTS = ("subject", "encounter", "requester", "authoredOn", "priority", "insurance",
                    "reasonCode", "intent")
 
 # The byte-level shortcuts that spare walking a small value (hooks.py, patient.py) only ever say "surely

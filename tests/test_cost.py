@@ -182,7 +182,6 @@ def test_answer_size_is_bounded_by_the_caps(client) -> None:
     assert growth <= limits.MAX_STRING_LENGTH + (copies + 1) * limits.MAX_COPIED_BYTES
 
 
-@pytest.mark.xfail(strict=True, reason="cards.py (the lead's) cuts the echoed order name to MAX_ECHOED_TEXT")
 def test_the_order_name_echoed_into_the_card_is_cut(client) -> None:
     body = member()
     name = "Sacroplasty " + "x" * (limits.MAX_STRING_LENGTH - 20)
@@ -194,7 +193,6 @@ def test_the_order_name_echoed_into_the_card_is_cut(client) -> None:
     assert all("x" * (limits.MAX_ECHOED_TEXT + 1) not in t for t in texts)
 
 
-@pytest.mark.xfail(strict=True, reason="engine.py (the lead's) refuses more than MAX_SACROPLASTY_ORDERS with 413")
 def test_sacroplasty_orders_per_call_beyond_the_cap_are_refused(client) -> None:
     body = member("order-sign")
     entries = body["context"]["draftOrders"]["entry"]
@@ -456,8 +454,6 @@ def _payors_and_contained(count: int) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 finding 2 (eligibility.py, not this branch): contained is "
-                                       "scanned once per payor; bounded by MAX_PAYORS x MAX_CONTAINED meanwhile")
 def test_payors_and_contained_growing_together_cost_linear_work(client, monkeypatch) -> None:
     monkeypatch.setattr(limits, "SHORTCUTS", False)
     step = min(limits.MAX_PAYORS, limits.MAX_CONTAINED) // 4
