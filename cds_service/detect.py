@@ -123,7 +123,7 @@ def governed(words: Sequence[str], clause_ends: Iterable[int], next_ends: Iterab
     then its head (the first other word), then what may follow a head (`after_head`: laterality; and any level
     or number): "after left sacroplasty", "prior sacroplasty S1"; "after failed conservative care" governs
     "failed" only; "post-traumatic sacral fracture" governs "traumatic" only. A clause boundary ends both, except
-    one right after the cue ("Hx: ...")."""
+    one right after the cue ("Hx: ...") and one inside a next cue's phrase before its head ("prior (2023) ...")."""
     clause_at, next_at = set(clause_ends), set(next_ends)
     out: list[bool] = []
     clause_count: int | None = None  # tokens governed so far by the open clause cue; None: none open
@@ -138,8 +138,8 @@ def governed(words: Sequence[str], clause_ends: Iterable[int], next_ends: Iterab
             out.append(False)
             if not clause_fresh:
                 clause_count = None
-            if not next_fresh:
-                phrase = _CLOSED
+            if not next_fresh and phrase != _BEFORE_HEAD:
+                phrase = _CLOSED  # a phrase with no head yet goes on: "prior (2023) sacroplasty"
             continue
         clause_fresh = next_fresh = False
         level = bool(_LEVEL.fullmatch(word))
@@ -509,6 +509,7 @@ class TextRule:
     words: tuple[Phrase, ...]
     sacral_within: int | None  # None: the words alone; else a sacral site within this many tokens, or bodySite
     hardware_within: int | None = None  # a hardware word this near, same clause: a screw / fixation augmentation
+    other_bone: bool = False  # another bone named right before ("iliac cementoplasty") or after ("of the ilium")
 
 
 def _system_key(system: str) -> str:
@@ -589,12 +590,12 @@ class Detector:
         self._negation = Negation(context, self._matcher)
         self._rules = tuple(
             TextRule(r["id"], r.get("rule", "text"), _phrases(r.get("words")),
-                     _opt_int(r.get("sacral_within"), 0, 50), _opt_int(r.get("hardware_within"), 0, 50))
+                     _opt_int(r.get("sacral_within"), 0, 50), _opt_int(r.get("hardware_within"), 0, 50),
+                     r.get("other_bone") is True)
             for r in _dicts(text.get("rules")) if isinstance(r.get("id"), str)
             and r.get("rule", "text") in ("text", "vertebral-augmentation-site"))
-        hardware = text.get("hardware", [])
-        self._hardware = frozenset(w.casefold() for w in hardware if isinstance(w, str)) \
-            if isinstance(hardware, list) else frozenset()
+        self._hardware = _words(text.get("hardware"))
+        self._other_bones = _words(text.get("other_bones"))
         self._names = tuple(r for r in self._rules if r.sacral_within is None)
         bilat = text.get("bilateral", [])
         self._bilateral = _phrases(bilat)
@@ -761,6 +762,8 @@ class Detector:
                         continue  # s/p sacroplasty, candidate for sacroplasty, sacroplasty follow-up visit ...
                     if rule.hardware_within is not None and self._near_hardware(w, start, end, rule.hardware_within):
                         continue  # cement-augmented iliosacral screw fixation: the screw is augmented
+                    if rule.other_bone and self._names_other_bone(w, start, end):
+                        continue  # iliac cementoplasty, cementoplasty of the acetabulum: another bone is treated
                     if rule.sacral_within is not None and not self._site.near(w, start, end, rule.sacral_within):
                         if body_site is None:
                             body_site = self._has_sacral_site_code(order) or \
@@ -787,6 +790,19 @@ class Detector:
                 break
             if words[j] in self._hardware:
                 return True
+        return False
+
+    def _names_other_bone(self, words: tuple[str, ...], start: int, end: int) -> bool:
+        """Another bone named as what words[start:end] treats: right before it ("iliac cementoplasty"), or after
+        it through "of" / "of the" ("cementoplasty of the ilium")."""
+        if start > 0 and words[start - 1] in self._other_bones:
+            return True
+        j = end
+        if j < len(words) and words[j] == "of":
+            j += 1
+            if j < len(words) and words[j] == "the":
+                j += 1
+            return j < len(words) and words[j] in self._other_bones
         return False
 
     def _tokens(self, text: str) -> tuple[str, ...]:

@@ -229,6 +229,9 @@ GOVERNED = {
     "Post-traumatic sacral fracture: sacroplasty bilateral": True,
     "Post sacroplasty CT": False,
     "Vertebroplasty L4 (prior sacroplasty S1)": False,
+    "Prior (2023) sacroplasty": False,
+    "Recent sacroplasty - wound check": False,
+    "Recent sacral fracture sacroplasty": True,
     "History of osteoporosis and sacroplasty": False,
     "History of osteoporosis; sacroplasty": True,
     "Hx: sacroplasty": False,
@@ -261,9 +264,10 @@ def governed_by_scanning_back(words: list[str], clause: set[int], nexts: set[int
         return bool(re.fullmatch(r"[slt][1-9]|t1[0-2]|[0-9]+", word))
 
     def in_phrase(phrase: list[str]) -> bool:
-        """phrase (the words after the cue, up to this one) is a start of: modifiers* head after-head*."""
-        heads = [k for k, w in enumerate(phrase) if w not in modifiers and not level(w)]
-        return not heads or all(w in after_head or level(w) for w in phrase[heads[0] + 1:])
+        """phrase (the words after the cue, up to this one) is a start of: modifiers* head after-head*, where
+        boundaries may stand only before the head."""
+        heads = [k for k, w in enumerate(phrase) if w != BOUNDARY and w not in modifiers and not level(w)]
+        return not heads or all(w != BOUNDARY and (w in after_head or level(w)) for w in phrase[heads[0] + 1:])
 
     out = []
     for i, word in enumerate(words):
@@ -273,8 +277,7 @@ def governed_by_scanning_back(words: list[str], clause: set[int], nexts: set[int
                 rest = after_opening_boundaries(words[end:i])
                 flag |= end <= i and BOUNDARY not in rest and (window is None or len(rest) < window)
             for end in nexts:
-                rest = after_opening_boundaries(words[end:i])
-                flag |= end <= i and BOUNDARY not in rest and in_phrase(rest + [word])
+                flag |= end <= i and in_phrase(words[end:i] + [word])
         out.append(flag)
     return out
 
