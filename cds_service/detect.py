@@ -3,9 +3,13 @@
 The principle: a coded order is what its standard code says. An order that carries a procedure code from a
 standard system (CPT, HCPCS, ICD-10-PCS, SNOMED CT, LOINC) is a sacroplasty only when that code is a
 sacroplasty code, or a vertebral augmentation code whose treated level is the sacrum. Only an order without a
-standard code (none, or only a local catalogue's codes) is judged by its words: names and synonyms, matched
-with some tolerance for spelling and spacing, unless the words around them say the order is something else
-(imaging, a consult, a follow-up, a history).
+standard code (none, only a local catalogue's codes, only codes that name no procedure — unlisted-procedure and
+image-guidance codes — or codes whose format is not valid in the system they are sent under) is judged by its
+words: names and synonyms, matched with some tolerance for spelling and spacing, unless the words around them say
+the mention is not an order of the procedure. Those words count only where they govern the mention: a history or
+intent cue before it in the same clause (a temporal cue such as "after" only when nothing but modifiers stands
+between: "after failed conservative care, sacroplasty" is an order), an imaging study before it, an order kind
+(consult, follow-up) that names what the order is, not a step that accompanies the procedure.
 
 Works on the raw JSON of a ServiceRequest (dicts and lists as the client sent them), so that imperfect FHIR
 never raises: anything of the wrong shape is simply not evidence. The cost is bounded: each text is cut to
@@ -104,6 +108,52 @@ def pieces(word: str, edits: int) -> list[str]:
     return out
 
 
+_LEVEL = re.compile(r"(?:[slt][1-9]|t1[0-2]|[0-9]+)")  # S1, L5, T12, or a number (a date or a count)
+
+
+_BEFORE_HEAD, _AFTER_HEAD, _CLOSED = 0, 1, 2  # where a next cue's phrase is
+
+
+def governed(words: Sequence[str], clause_ends: Iterable[int], next_ends: Iterable[int], modifiers: frozenset[str],
+             window: int | None = None, after_head: frozenset[str] = frozenset()) -> tuple[bool, ...]:
+    """Which tokens a cue governs, in one left-to-right pass (linear).
+
+    A clause cue (history of, s/p) governs every later token of its clause — or, with `window`, the first
+    `window` of them. A next cue (after, prior, post) governs only the noun phrase right after it: `modifiers`,
+    then its head (the first other word), then what may follow a head (`after_head`: laterality; and any level
+    or number): "after left sacroplasty", "prior sacroplasty S1"; "after failed conservative care" governs
+    "failed" only; "post-traumatic sacral fracture" governs "traumatic" only. A clause boundary ends both, except
+    one right after the cue ("Hx: ...") and one inside a next cue's phrase before its head ("prior (2023) ...")."""
+    clause_at, next_at = set(clause_ends), set(next_ends)
+    out: list[bool] = []
+    clause_count: int | None = None  # tokens governed so far by the open clause cue; None: none open
+    phrase = _CLOSED
+    clause_fresh = next_fresh = False  # fresh: only boundaries since the cue ended
+    for i, word in enumerate(words):
+        if i in clause_at:
+            clause_count, clause_fresh = 0, True
+        if i in next_at:
+            phrase, next_fresh = _BEFORE_HEAD, True
+        if word == BOUNDARY:
+            out.append(False)
+            if not clause_fresh:
+                clause_count = None
+            if not next_fresh and phrase != _BEFORE_HEAD:
+                phrase = _CLOSED  # a phrase with no head yet goes on: "prior (2023) sacroplasty"
+            continue
+        clause_fresh = next_fresh = False
+        level = bool(_LEVEL.fullmatch(word))
+        if phrase == _AFTER_HEAD and word not in after_head and not level:
+            phrase = _CLOSED
+        in_clause = clause_count is not None and (window is None or clause_count < window)
+        out.append(in_clause or phrase != _CLOSED)
+        if clause_count is not None:
+            clause_count += 1
+        if phrase == _BEFORE_HEAD and word not in modifiers and not level:
+            phrase = _AFTER_HEAD  # this word was the head: what may follow a head is still governed
+    return tuple(out)
+
+
 # --- terms: the words of the rules ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -189,6 +239,8 @@ class Matcher:
             return 1 if word == term.word else 0
         if term.kind == "prefix":
             return 1 if word.startswith(term.word) else 0
+        if word == term.word:
+            return 1  # the word as written: no edit distance to compute
         size = len(term.word)
         lo, hi = size - self.edits, size + self.edits
         if len(word) > hi:
@@ -250,11 +302,16 @@ class SiteRules:
     not_a_bone_after: frozenset[str]
     not_a_bone_before: frozenset[str]
     diagnosis_after: frozenset[str]
-    history_before: tuple[Phrase, ...]
+    history_before: tuple[Phrase, ...]  # clause cues (hx, s/p): the next `history_window` words of the clause
     history_window: int
+    history_next: tuple[Phrase, ...] = ()  # next cues (old, prior, post): only the phrase they govern
+    landmark_before: tuple[Phrase, ...] = ()  # "adjacent to", "near": the sacrum as a landmark, not the site
+    modifiers: frozenset[str] = frozenset()  # words a next cue governs through (not_an_order.modifiers)
+    after_head: frozenset[str] = frozenset()  # ... and that may follow its head (not_an_order.modifiers_after_head)
 
     @staticmethod
-    def load(data: Any) -> "SiteRules":
+    def load(data: Any, modifiers: frozenset[str] = frozenset(), after_head: frozenset[str] = frozenset()) \
+            -> "SiteRules":
         data = data if isinstance(data, dict) else {}
 
         def words(key: str) -> frozenset[str]:
@@ -265,7 +322,10 @@ class SiteRules:
         window = data.get("history_window", 4)
         return SiteRules(words("words"), words("not_a_bone_after"), words("not_a_bone_before"),
                          words("diagnosis_after"), _phrases(data.get("history_before", [])),
-                         window if isinstance(window, int) and 0 < window < 20 else 4)
+                         window if isinstance(window, int) and not isinstance(window, bool) and 0 < window < 20
+                         else 4,
+                         _phrases(data.get("history_next", [])), _phrases(data.get("landmark_before", [])),
+                         modifiers, after_head)
 
 
 class Site:
@@ -286,6 +346,7 @@ class Site:
         if not any(w in self.rules.words or _SACRAL_LEVEL.fullmatch(w) or _OTHER_LEVEL.fullmatch(w) for w in words):
             return (), (), False  # no sacral word and no other level: nothing to say
         history = self._history_ranges(words)
+        landmark_ends = {end for _, end in self.matcher.find(self.rules.landmark_before, words)}
         for i, word in enumerate(words):
             if _OTHER_LEVEL.fullmatch(word) and not self._junction(words, i) and not history(i):
                 other_level = True
@@ -301,6 +362,8 @@ class Site:
                 continue  # S1 nerve root, S1 radiculopathy, sacral neuromodulation, sacral pressure ulcer
             if history(i):
                 continue  # old sacral fracture, s/p sacral fracture
+            if i in landmark_ends or (i - 1 in landmark_ends and words[i - 1] == "the"):
+                continue  # iliac bone adjacent to (the) sacrum: a landmark, not the treated bone
             (diagnosis if after & self.rules.diagnosis_after else plain).append(i)
         return tuple(plain), tuple(diagnosis), other_level
 
@@ -348,72 +411,93 @@ class Site:
         return out
 
     def _history_ranges(self, words: Sequence[str]):
-        """A predicate: is position i within `history_window` tokens after a history word, same clause?"""
-        starts = [end for _, end in self.matcher.find(self.rules.history_before, words)]
-        window = self.rules.history_window
-
-        def inside(i: int) -> bool:
-            for end in starts:
-                if end <= i < end + window and BOUNDARY not in words[end:i]:
-                    return True
-            return False
-
-        return inside
+        """A predicate: is position i governed by a history cue (see `governed`)?"""
+        flags = governed(words, (end for _, end in self.matcher.find(self.rules.history_before, words)),
+                         (end for _, end in self.matcher.find(self.rules.history_next, words)),
+                         self.rules.modifiers, self.rules.history_window, self.rules.after_head)
+        return flags.__getitem__
 
 
 # --- context that makes a mention not an order of the procedure ---------------------------------------------------
 
 @dataclass(frozen=True)
 class Context:
-    before: tuple[Phrase, ...]  # negates a mention that follows it in the same text
-    before_unless_next: frozenset[str]  # ... unless the next word is one of these ("prior authorization")
-    anywhere: tuple[Phrase, ...]  # the order is of another kind (consult, follow-up, visit)
-    imaging: tuple[Phrase, ...]  # an imaging study: negates what follows it, like `before` ...
+    history: tuple[Phrase, ...]  # clause cues: govern the rest of their clause (history of, s/p, candidate for)
+    temporal: tuple[Phrase, ...]  # next cues: govern only the phrase right after them (after, prior, post)
+    modifiers: frozenset[str]  # words a next cue governs through (left, bilateral, CT-guided, the ...)
+    after_head: frozenset[str]  # words that may follow the head a next cue governs (left, bilateral)
+    kinds: tuple[Phrase, ...]  # order kinds (consult, follow-up): name what the order is
+    accompanying: tuple[Phrase, ...]  # ... unless one of these stands between the name and the kind word
+    imaging: tuple[Phrase, ...]  # an imaging study before the name: negates it ...
     imaging_unless_within: int  # ... unless a guidance word follows within this many tokens ("CT-guided")
     guidance: tuple[Phrase, ...]
 
     @staticmethod
     def load(data: Any) -> "Context":
         data = data if isinstance(data, dict) else {}
-        unless = data.get("before_unless_next", [])
         within = data.get("imaging_unless_within", 3)
         return Context(
-            _phrases(data.get("before", [])),
-            frozenset(w.casefold() for w in unless if isinstance(w, str)) if isinstance(unless, list)
-            else frozenset(),
-            _phrases(data.get("anywhere", [])),
+            _phrases(data.get("history", [])),
+            _phrases(data.get("temporal", [])),
+            _words(data.get("modifiers")),
+            _words(data.get("modifiers_after_head")),
+            _phrases(data.get("order_kinds", [])),
+            _phrases(data.get("accompanying", [])),
             _phrases(data.get("imaging", [])),
-            within if isinstance(within, int) and 0 <= within < 10 else 3,
+            within if isinstance(within, int) and not isinstance(within, bool) and 0 <= within < 10 else 3,
             _phrases(data.get("guidance", [])),
         )
 
 
+@dataclass(frozen=True)
+class Cues:
+    """Where the context words of one text are (token positions)."""
+
+    governed: tuple[bool, ...]  # by a history or temporal cue
+    imaging: int | None  # end of the first imaging study word (not followed by guidance); None: none
+    kinds: tuple[int, ...]  # starts of order-kind words
+    accompanying: tuple[int, ...]  # starts of accompanying words
+
+
 class Negation:
+    """Is a mention of the procedure in a text an order of it? (not_an_order in detection.json)"""
+
     def __init__(self, context: Context, matcher: Matcher) -> None:
         self.context = context
         self.matcher = matcher
-        self.first_cue = lru_cache(maxsize=CACHE_SIZE)(self._first_cue)  # type: ignore[method-assign]
+        self.cues = lru_cache(maxsize=CACHE_SIZE)(self._cues)  # type: ignore[method-assign]
 
-    def other_kind(self, texts: Sequence[Sequence[str]]) -> bool:
-        """Any text says the order is a consult, a follow-up, a visit, ..."""
-        return any(self.matcher.find(self.context.anywhere, words) for words in texts)
+    def _cues(self, words: tuple[str, ...]) -> Cues:
+        find = self.matcher.find
+        context = self.context
+        flags = governed(words, (end for _, end in find(context.history, words)),
+                         (end for _, end in find(context.temporal, words)), context.modifiers,
+                         after_head=context.after_head)
+        guidance = [start for start, _ in find(context.guidance, words)]
+        imaging = next((end for _, end in find(context.imaging, words)
+                        if not any(end <= g <= end + context.imaging_unless_within for g in guidance)), None)
+        return Cues(flags, imaging, tuple(start for start, _ in find(context.kinds, words)),
+                    tuple(start for start, _ in find(context.accompanying, words)))
 
-    def _first_cue(self, words: tuple[str, ...]) -> int | None:
-        """Position after the first cue that makes what follows not an order of the procedure: after, s/p,
-        history of, candidate for, ..., or an imaging study (CT pelvis, s/p ...; MRI sacrum to evaluate for
-        ...) unless guidance follows it (CT-guided sacroplasty)."""
-        cues = []
-        for _, end in self.matcher.find(self.context.before, words):
-            if end < len(words) and words[end] in self.context.before_unless_next:
-                continue  # "prior authorization obtained"
-            cues.append(end)
-            break
-        guidance = [start for start, _ in self.matcher.find(self.context.guidance, words)]
-        for _, end in self.matcher.find(self.context.imaging, words):
-            if not any(end <= g <= end + self.context.imaging_unless_within for g in guidance):
-                cues.append(end)
-                break
-        return min(cues) if cues else None
+    def negated(self, words: tuple[str, ...], start: int, end: int, kinds: bool = True) -> bool:
+        """The mention words[start:end] is not an order of the procedure: a history or temporal cue governs it,
+        an imaging study comes before it, or (when `kinds`) an order kind names what the order is — before the
+        mention, or after it with no accompanying word between ("Sacroplasty follow-up visit" is a visit;
+        "Sacroplasty under CT, same day follow up" is the procedure)."""
+        cues = self.cues(words)
+        if cues.governed[start] or (cues.imaging is not None and cues.imaging <= start):
+            return True
+        return kinds and self.kind_names_order(words, start, end)
+
+    def kind_names_order(self, words: tuple[str, ...], start: int, end: int) -> bool:
+        """An order-kind word names what the order is, relative to the mention words[start:end]."""
+        cues = self.cues(words)
+        first_accompanying = min((a for a in cues.accompanying if a >= end), default=len(words))
+        return any(kind < start or end <= kind < first_accompanying for kind in cues.kinds)
+
+    def names_a_kind(self, words: tuple[str, ...]) -> bool:
+        """The text names an order kind (for a text that does not name the procedure: display "IR CONSULT")."""
+        return bool(self.cues(words).kinds)
 
 
 # --- the rules ------------------------------------------------------------------------------------------------------
@@ -424,6 +508,8 @@ class TextRule:
     rule: str  # the Match.rule it gives: "text" or "vertebral-augmentation-site"
     words: tuple[Phrase, ...]
     sacral_within: int | None  # None: the words alone; else a sacral site within this many tokens, or bodySite
+    hardware_within: int | None = None  # a hardware word this near, same clause: a screw / fixation augmentation
+    other_bone: bool = False  # another bone named right before ("iliac cementoplasty") or after ("of the ilium")
 
 
 def _system_key(system: str) -> str:
@@ -437,7 +523,6 @@ def _system_key(system: str) -> str:
     return s
 
 
-_UNSET = object()
 _MODIFIERS = re.compile(r"([0-9A-Z]{5})((?:[\s\-:]+[0-9A-Z]{2}){1,4})")
 
 
@@ -452,6 +537,7 @@ class Detector:
         self._matcher = Matcher(_int(text.get("fuzzy_edits"), 2, 0, 3))
         self._cached_tokens = lru_cache(maxsize=CACHE_SIZE)(lambda t: tuple(tokens(t, self._max_chars)))
         self._names_in = lru_cache(maxsize=CACHE_SIZE)(self._names_in_text)
+        self._first_mention = lru_cache(maxsize=CACHE_SIZE)(self._first_mention_in)
         self._passes = lru_cache(maxsize=CACHE_SIZE)(
             lambda t: any(s in compact(t, self._max_chars) for s in self._screen))
 
@@ -472,6 +558,18 @@ class Detector:
         self._no_system_format = re.compile(fmt) if isinstance(fmt, str) else None
         self._no_system_codes = {code: hit for (label, code), hit in self._codes.items()
                                  if self._no_system_format and self._no_system_format.fullmatch(code)}
+        # a code whose format is not valid in its system is read as a code without a system
+        self._formats: dict[str, re.Pattern[str]] = {}
+        for label, fmt in _dict(data.get("code_formats")).items():
+            if isinstance(label, str) and not label.startswith("_") and isinstance(fmt, str):
+                try:
+                    self._formats[label] = re.compile(fmt)
+                except re.error:
+                    continue  # a broken format checks nothing (every code is read as valid)
+        # unlisted-procedure and image-guidance codes: they name no procedure, so the words decide
+        self._naming_no_procedure: dict[tuple[str, str], tuple[str, str | None]] = {}
+        for entry in _dicts(_dict(data.get("codes_naming_no_procedure")).get("codes")):
+            self._add_codes(self._naming_no_procedure, entry, None)
         bilateral = data.get("bilateral_modifiers", [])
         self._bilateral_modifiers = {m.upper() for m in bilateral if isinstance(m, str)} \
             if isinstance(bilateral, list) else set()
@@ -486,13 +584,18 @@ class Detector:
             if label and isinstance(entry.get("code"), str):
                 self._site_codes.add((label, entry["code"].strip().upper()))
 
-        self._site = Site(SiteRules.load(data.get("sacral_site")), self._matcher)
-        self._negation = Negation(Context.load(data.get("not_an_order")), self._matcher)
+        context = Context.load(data.get("not_an_order"))
+        self._site = Site(SiteRules.load(data.get("sacral_site"), context.modifiers, context.after_head),
+                          self._matcher)
+        self._negation = Negation(context, self._matcher)
         self._rules = tuple(
             TextRule(r["id"], r.get("rule", "text"), _phrases(r.get("words")),
-                     r["sacral_within"] if isinstance(r.get("sacral_within"), int) else None)
+                     _opt_int(r.get("sacral_within"), 0, 50), _opt_int(r.get("hardware_within"), 0, 50),
+                     r.get("other_bone") is True)
             for r in _dicts(text.get("rules")) if isinstance(r.get("id"), str)
             and r.get("rule", "text") in ("text", "vertebral-augmentation-site"))
+        self._hardware = _words(text.get("hardware"))
+        self._other_bones = _words(text.get("other_bones"))
         self._names = tuple(r for r in self._rules if r.sacral_within is None)
         bilat = text.get("bilateral", [])
         self._bilateral = _phrases(bilat)
@@ -589,6 +692,12 @@ class Detector:
                 own.append(concept["text"])
             for coding in _dicts(concept.get("coding")):
                 key = self._key(coding)
+                if key is not None and key[0] not in (None, "local"):
+                    fmt = self._formats.get(key[0])
+                    if fmt is not None and not fmt.fullmatch(key[1]):
+                        key = (None, key[1], key[2])  # "0200T" under LOINC is no LOINC code: read as no system
+                    elif (key[0], key[1]) in self._naming_no_procedure:
+                        key = ("local", key[1], key[2])  # unlisted / guidance code: names no procedure
                 if isinstance(coding.get("display"), str):
                     texts.append(coding["display"])
                     if key is None or key[0] in (None, "local"):
@@ -630,26 +739,71 @@ class Detector:
         if self._screen and not self._passes_screen(texts, site_texts, order):
             return None
         words = [self._tokens(t) for t in texts]
-        if self._negation.other_kind(words):
+        rule = self._first_rule(words, site_texts, order)
+        if rule is None:
             return None
-        site_words = [self._tokens(t) for t in site_texts]
+        # Any text may say what kind of order this is: a text that does not name the procedure by any order-kind
+        # word (display "IR CONSULT"), one that does by an order-kind word that governs its first mention.
+        for w in words:
+            if self._negation.names_a_kind(w):
+                mention = self._first_mention(w)
+                if mention is None or self._negation.kind_names_order(w, mention[0], mention[1]):
+                    return None
+        return Match(rule.rule, f"text:{rule.id}", self._laterality(own))
+
+    def _first_rule(self, words: list[tuple[str, ...]], site_texts: list[str], order: dict[str, Any]) \
+            -> TextRule | None:
+        """The first text rule with a mention that is an order of the procedure."""
         body_site = None  # computed once, only when a rule asks
-        cues: list[Any] = [_UNSET] * len(words)  # computed once per text, only when a rule finds its words
         for rule in self._rules:
-            for k, w in enumerate(words):
+            for w in words:
                 for start, end in self._matcher.find(rule.words, w):
-                    if cues[k] is _UNSET:
-                        cues[k] = self._negation.first_cue(w)
-                    if cues[k] is not None and start >= cues[k]:
-                        continue  # s/p sacroplasty, candidate for sacroplasty, history of ...
-                    if rule.sacral_within is not None:
-                        if not self._site.near(w, start, end, rule.sacral_within):
-                            if body_site is None:
-                                body_site = self._has_sacral_site_code(order) or self._site.is_sacral(site_words)
-                            if not body_site:
-                                continue
-                    return Match(rule.rule, f"text:{rule.id}", self._laterality(own))
+                    if self._negation.negated(w, start, end):
+                        continue  # s/p sacroplasty, candidate for sacroplasty, sacroplasty follow-up visit ...
+                    if rule.hardware_within is not None and self._near_hardware(w, start, end, rule.hardware_within):
+                        continue  # cement-augmented iliosacral screw fixation: the screw is augmented
+                    if rule.other_bone and self._names_other_bone(w, start, end):
+                        continue  # iliac cementoplasty, cementoplasty of the acetabulum: another bone is treated
+                    if rule.sacral_within is not None and not self._site.near(w, start, end, rule.sacral_within):
+                        if body_site is None:
+                            body_site = self._has_sacral_site_code(order) or \
+                                self._site.is_sacral([self._tokens(t) for t in site_texts])
+                        if not body_site:
+                            continue
+                    return rule
         return None
+
+    def _first_mention_in(self, words: tuple[str, ...]) -> tuple[int, int] | None:
+        """(start, end) of the earliest mention of any rule's words in the text, negated or not."""
+        found = [hit for rule in self._rules for hit in self._matcher.find(rule.words, words)[:1]]
+        return min(found) if found else None
+
+    def _near_hardware(self, words: tuple[str, ...], start: int, end: int, window: int) -> bool:
+        """A hardware word (screw, fixation, fusion) within `window` tokens of words[start:end], same clause."""
+        for j in range(start - 1, max(start - 1 - window, -1), -1):
+            if words[j] == BOUNDARY:
+                break
+            if words[j] in self._hardware:
+                return True
+        for j in range(end, min(end + window, len(words))):
+            if words[j] == BOUNDARY:
+                break
+            if words[j] in self._hardware:
+                return True
+        return False
+
+    def _names_other_bone(self, words: tuple[str, ...], start: int, end: int) -> bool:
+        """Another bone named as what words[start:end] treats: right before it ("iliac cementoplasty"), or after
+        it through "of" / "of the" ("cementoplasty of the ilium")."""
+        if start > 0 and words[start - 1] in self._other_bones:
+            return True
+        j = end
+        if j < len(words) and words[j] == "of":
+            j += 1
+            if j < len(words) and words[j] == "the":
+                j += 1
+            return j < len(words) and words[j] in self._other_bones
+        return False
 
     def _tokens(self, text: str) -> tuple[str, ...]:
         return self._cached_tokens(text[: self._max_chars])  # cut first: the cache keeps short keys only
@@ -659,11 +813,11 @@ class Detector:
         return any(self._names_in(w) for w in words)
 
     def _names_in_text(self, words: tuple[str, ...]) -> bool:
+        """A name of the procedure that no history cue or earlier imaging study governs (the code already says
+        what kind of order this is, so order-kind words are not read)."""
         for rule in self._names:
-            found = self._matcher.find(rule.words, words)
-            if found:
-                cue = self._negation.first_cue(words)
-                if any(cue is None or start < cue for start, _ in found):
+            for start, end in self._matcher.find(rule.words, words):
+                if not self._negation.negated(words, start, end, kinds=False):
                     return True
         return False
 
@@ -688,3 +842,12 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _int(value: Any, default: int, low: int, high: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high else default
+
+
+def _opt_int(value: Any, low: int, high: int) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high else None
+
+
+def _words(value: Any) -> frozenset[str]:
+    """A detection.json list of single words, casefolded; anything else is left out."""
+    return frozenset(w.casefold() for w in value if isinstance(w, str)) if isinstance(value, list) else frozenset()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cds_service.config import Settings
-from cds_service.detect import Detector, compact, edit_distance_at_most, pieces
+from cds_service.detect import BOUNDARY, Detector, compact, edit_distance_at_most, governed, pieces
 from cds_service.policy import load_policies
 
 CPT = "http://www.ama-assn.org/go/cpt"
@@ -68,6 +69,9 @@ POSITIVES = {
     "22512-addon-S2": (order("22512", text="vertebroplasty S2"), "vertebral-augmentation-site"),
     "22515-addon-sacrum": (order("22515", site=[{"text": "sacrum"}]), "vertebral-augmentation-site"),
     "bodysite-single-object": (order("22511", site={"text": "Sacrum"}), "vertebral-augmentation-site"),
+    "0200T-not-a-loinc-code": (order("0200T", system="http://loinc.org"), "code"),
+    "unlisted-22899": (order("22899", text="Sacroplasty"), "text"),
+    "guidance-77012": (order("77012", text="CT-guided sacroplasty"), "text"),
 }
 
 NEGATIVES = {
@@ -89,7 +93,9 @@ NEGATIVES = {
     "no-code": {"resourceType": "ServiceRequest", "id": "x", "status": "draft"},
     "code-not-an-object": {"resourceType": "ServiceRequest", "code": "0200T"},
     "coding-garbage": {"resourceType": "ServiceRequest", "code": {"coding": [1, None, "0200T", {"code": 5}]}},
-    "0200T-other-system": order("0200T", system="http://loinc.org"),
+    "0216T-not-a-loinc-code": order("0216T", system="http://loinc.org"),
+    "12345-6-a-loinc-code": order("12345-6", system="http://loinc.org", text="Sacroplasty"),
+    "unlisted-with-follow-up": order("27299", text="Sacroplasty follow-up visit"),
 }
 
 
@@ -146,6 +152,59 @@ def test_a_local_code_leaves_it_to_the_words(detector: Detector) -> None:
     assert detector.match(order("IMG1", system=epic, text="CT pelvis")) is None
 
 
+NAMING_NO_PROCEDURE = [e["code"] for e in DETECTION["codes_naming_no_procedure"]["codes"]]
+
+
+@pytest.mark.parametrize("code", NAMING_NO_PROCEDURE)
+def test_a_code_that_names_no_procedure_leaves_it_to_the_words(detector: Detector, code: str) -> None:
+    """Unlisted-procedure and image-guidance codes say nothing about the procedure: the words decide, with their
+    context; any other standard code on the order still decides."""
+    assert detector.match(order(code, text="Sacroplasty, left")).rule == "text"
+    assert detector.match(order(code, text="CT pelvis, s/p sacroplasty")) is None
+    assert detector.match(order(code)) is None
+    both = order("72193", text="Sacroplasty")
+    both["code"]["coding"].append({"system": CPT, "code": code})
+    assert detector.match(both) is None  # the CT code decides
+
+
+@pytest.mark.parametrize("system", [s for uris in DETECTION["code_systems"].values() if isinstance(uris, list)
+                                    for s in uris[:1]])
+def test_a_code_not_valid_in_its_system_is_read_as_a_code_without_a_system(detector: Detector, system: str) -> None:
+    label = next(k for k, v in DETECTION["code_systems"].items() if isinstance(v, list) and system in v)
+    if label in ("CPT", "HCPCS"):  # 0200T is valid there
+        assert detector.match(order("0200T", system=system)).evidence == f"{label}|0200T"
+        bad = order("0200-T", system=system, text="Sacroplasty")  # not a CPT code: the words decide
+        assert detector.match(bad).rule == "text"
+        return
+    match = detector.match(order("0201T", system=system))
+    assert match.rule == "code" and match.evidence == "no-system|0201T" and match.laterality == "bilateral"
+    assert detector.match(order("0216T", system=system, text="Sacroplasty")).rule == "text"
+
+
+def test_every_code_in_the_data_has_the_format_of_its_system() -> None:
+    """The formats must accept every code the detection data lists (else a listed code would be ignored)."""
+    formats = {k: v for k, v in DETECTION["code_formats"].items() if not k.startswith("_")}
+    entries = DETECTION["codes"] + DETECTION["vertebral_augmentation"]["codes"] + \
+        DETECTION["codes_naming_no_procedure"]["codes"]
+    for entry in entries:
+        for system in entry["systems"]:
+            assert re.fullmatch(formats[system], entry["code"]), (system, entry["code"])
+    for entry in DETECTION["vertebral_augmentation"]["sacral_site_codes"]:
+        assert re.fullmatch(formats["SNOMED CT"], entry["code"])
+    assert not re.fullmatch(formats["LOINC"], "0200T") and re.fullmatch(formats["LOINC"], "24558-9")
+    assert not re.fullmatch(formats["SNOMED CT"], "0201T") and not re.fullmatch(formats["CPT"], "0QU13JZ")
+    assert not re.fullmatch(formats["ICD-10-PCS"], "0OU13JZ")  # the letter O is not used in ICD-10-PCS
+
+
+def test_every_detection_code_has_a_source_row_in_the_code_book() -> None:
+    """Codes need a source: each code detection.json lists is a row of a table in cards/codes.md."""
+    book = (Settings().cards_dir / "codes.md").read_text(encoding="utf-8")
+    entries = DETECTION["codes"] + DETECTION["vertebral_augmentation"]["codes"] + \
+        DETECTION["codes_naming_no_procedure"]["codes"] + DETECTION["vertebral_augmentation"]["sacral_site_codes"]
+    for entry in entries:
+        assert re.search(rf"^\|(?:[^\n]*\|)?\s*{re.escape(entry['code'])}\s*\|", book, re.M), entry["code"]
+
+
 def test_a_bare_code_counts_only_in_the_category_iii_format(detector: Detector) -> None:
     assert detector.match(order("0201T", system=None)).rule == "code"
     assert detector.match(order("22511", system=None, site=SACRUM_SITE)) is None  # no code, no words
@@ -153,6 +212,84 @@ def test_a_bare_code_counts_only_in_the_category_iii_format(detector: Detector) 
         "text:vertebral-augmentation-sacrum"
     assert detector.match(order("22511", system=None, text="Vertebroplasty L3")) is None
     assert detector.match(order("0QU13JZ", system=None)) is None
+
+
+# --- context: a cue negates only the mention it governs ------------------------------------------------------------
+
+GOVERNED = {
+    # text: is it an order of the procedure?
+    "After failed conservative care, sacroplasty": True,
+    "After failed conservative care sacroplasty": True,
+    "After sacroplasty": False,
+    "After her recent left sacroplasty": False,
+    "Pre-authorized sacroplasty, left": True,
+    "Pre-sacroplasty labs": False,
+    "Prior authorization obtained - sacroplasty": True,
+    "Prior sacroplasty": False,
+    "Post-traumatic sacral fracture: sacroplasty bilateral": True,
+    "Post sacroplasty CT": False,
+    "Vertebroplasty L4 (prior sacroplasty S1)": False,
+    "Prior (2023) sacroplasty": False,
+    "Recent sacroplasty - wound check": False,
+    "Recent sacral fracture sacroplasty": True,
+    "History of osteoporosis and sacroplasty": False,
+    "History of osteoporosis; sacroplasty": True,
+    "Hx: sacroplasty": False,
+    "Sacroplasty with bone biopsy and evaluation": True,
+    "Sacroplasty under CT, same day follow up": True,
+    "Sacroplasty follow-up visit": False,
+    "Sacroplasty, follow up": False,
+    "IR consult: sacroplasty": False,
+    "Sacroplasty under fluoroscopy and CT": True,
+    "CT pelvis, sacroplasty": False,
+    "CT-guided sacroplasty": True,
+}
+
+
+@pytest.mark.parametrize("text", GOVERNED)
+def test_a_cue_negates_only_the_mention_it_governs(detector: Detector, text: str) -> None:
+    assert (detector.match(order(text=text)) is not None) == GOVERNED[text]
+
+
+def governed_by_scanning_back(words: list[str], clause: set[int], nexts: set[int], modifiers: frozenset[str],
+                              window: int | None, after_head: frozenset[str]) -> list[bool]:
+    """The same rule as detect.governed, written the slow way: for each token, look back at every cue."""
+    def after_opening_boundaries(between: list[str]) -> list[str]:
+        i = 0
+        while i < len(between) and between[i] == BOUNDARY:
+            i += 1
+        return between[i:]
+
+    def level(word: str) -> bool:
+        return bool(re.fullmatch(r"[slt][1-9]|t1[0-2]|[0-9]+", word))
+
+    def in_phrase(phrase: list[str]) -> bool:
+        """phrase (the words after the cue, up to this one) is a start of: modifiers* head after-head*, where
+        boundaries may stand only before the head."""
+        heads = [k for k, w in enumerate(phrase) if w != BOUNDARY and w not in modifiers and not level(w)]
+        return not heads or all(w != BOUNDARY and (w in after_head or level(w)) for w in phrase[heads[0] + 1:])
+
+    out = []
+    for i, word in enumerate(words):
+        flag = False
+        if word != BOUNDARY:
+            for end in clause:
+                rest = after_opening_boundaries(words[end:i])
+                flag |= end <= i and BOUNDARY not in rest and (window is None or len(rest) < window)
+            for end in nexts:
+                flag |= end <= i and in_phrase(words[end:i] + [word])
+        out.append(flag)
+    return out
+
+
+@given(words=st.lists(st.sampled_from(["a", "b", "left", "s1", "2024", BOUNDARY]), max_size=12),
+       clause=st.sets(st.integers(0, 12), max_size=3), nexts=st.sets(st.integers(0, 12), max_size=3),
+       window=st.one_of(st.none(), st.integers(1, 5)))
+@settings(max_examples=1000, deadline=None)
+def test_governed_agrees_with_scanning_back(words, clause, nexts, window) -> None:
+    modifiers, after_head = frozenset({"left", "a"}), frozenset({"left"})
+    assert list(governed(words, clause, nexts, modifiers, window, after_head)) == \
+        governed_by_scanning_back(words, clause, nexts, modifiers, window, after_head)
 
 
 # --- evidence: a short identifier from detection.json, never the order's words -----------------------------------
@@ -233,11 +370,13 @@ def test_every_misspelling_the_rules_accept_passes_the_screen(detector: Detector
 WORDS = ["sacroplasty", "sacroplsty", "sacro", "plasty", "Sacral", "SACRUM", "ala", "S1", "s5", "L5", "L5-S1",
          "L5/S1", "augmentation", "AUGMT", "cement", "PMMA", "of", "the", "kyphoplasty", "vertebroplasty",
          "vertebral", "balloon", "cementoplasty", "L3", "lumbar", "CT", "guided", "s/p", "after", "consult",
-         "old", "fracture", "nerve", "root", "bilateral", "ſacral", "prior", "authorization", ",", ";", "(", ")"]
+         "old", "fracture", "nerve", "root", "bilateral", "ſacral", "prior", "authorization", ",", ";", "(", ")",
+         "pre", "authorized", "post", "traumatic", "with", "follow", "up", "screw", "adjacent", "to", "failed",
+         "hx", ":", "under", "iliac"]
 
 
-@given(code=st.sampled_from([None, "0200T", "22511", "22514", "72131", "97110"]),
-       system=st.sampled_from([CPT, "urn:oid:1.2.840.114350.1.13.0.1.7.2.696580", None]),
+@given(code=st.sampled_from([None, "0200T", "22511", "22514", "72131", "97110", "22899", "77012"]),
+       system=st.sampled_from([CPT, "urn:oid:1.2.840.114350.1.13.0.1.7.2.696580", None, "http://loinc.org"]),
        text=st.lists(st.sampled_from(WORDS), max_size=7).map(" ".join),
        site=st.one_of(st.none(), st.lists(st.sampled_from(WORDS), max_size=3).map(lambda w: [{"text": " ".join(w)}]),
                       st.just(SACRUM_SITE)))
