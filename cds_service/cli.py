@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import orjson
 
-from .config import Settings
+from cds_service.config import Settings
 
 
 def _write_queued_records(_server: Any, worker: Any) -> None:
@@ -26,8 +26,9 @@ def _write_queued_records(_server: Any, worker: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
-    from . import create_app, engine  # noqa: F401  (imported before the fork: workers share the pages)
-    from .serving import WaitressWorker
+    from cds_service import create_app
+    from cds_service.pipeline import evaluate  # noqa: F401  (imported before the fork: workers share the pages)
+    from cds_service.serving.server import WaitressWorker
 
     if args.dev:
         os.environ["CDS_DEV"] = "1"
@@ -37,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     if not settings.dev and settings.clients_file:
-        from .auth import ClientsFileError, load_clients
+        from cds_service.auth.tokens import ClientsFileError, load_clients
 
         try:
             load_clients(settings.clients_file)
@@ -54,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("workers", args.workers)
             # Each worker serves with waitress, which reads whole requests before a thread sees them: a
             # slow client never holds a thread (see serving.py).
-            self.cfg.set("worker_class", "cds_service.serving.WaitressWorker")
+            self.cfg.set("worker_class", "cds_service.serving.server.WaitressWorker")
             self.cfg.set("threads", args.threads)
             self.cfg.set("timeout", 30)
             if "control_socket_disable" in self.cfg.settings:
@@ -81,8 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .engine import Engine
-    from .errors import ApiError
+    from cds_service.errors import ApiError
+    from cds_service.pipeline.evaluate import Evaluator
+    from cds_service.pipeline.policy import load_catalogue
 
     try:
         with open(args.file, "rb") as handle:
@@ -90,15 +92,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
-    engine = Engine(Settings.from_env())
+    settings = Settings.from_env()
+    evaluator = Evaluator(load_catalogue(settings.cards_dir), settings.max_draft_orders, settings.public_url)
     hook = body.get("hook") if isinstance(body, dict) else None
-    service = next((s for s in engine.services.values() if s.hook == hook), None)
+    service = next((s for s in evaluator.services.values() if s.hook == hook), None)
     if service is None:
         print(f"error: {args.file}: 'hook' must be one of "
-              + ", ".join(s.hook for s in engine.services.values()), file=sys.stderr)
+              + ", ".join(s.hook for s in evaluator.services.values()), file=sys.stderr)
         return 2
     try:
-        response = engine.evaluate(service, body)
+        response = evaluator.evaluate(service, body).response
     except ApiError as exc:
         where = f" ({exc.field})" if exc.field else ""
         print(f"error: {args.file}: {exc.message}{where}", file=sys.stderr)
@@ -108,7 +111,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import client, report
+    from cds_service.tools import call as client
+    from cds_service.report import render as report
 
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .logs import configure
+    from cds_service.serving.logs import configure
 
     configure()
     args = build_parser().parse_args(argv)

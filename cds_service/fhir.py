@@ -288,7 +288,7 @@ def bearer_token(authorization: dict[str, Any] | None) -> tuple[bool, str | None
     return True, token
 
 
-class FhirClient:
+class FhirReader:
     """Reads FHIR queries relative to a client's fhirServer within one time budget per hook call."""
 
     def __init__(self, allowed_origins: Iterable[str], budget: float, *, max_pages: int = MAX_PAGES,
@@ -311,7 +311,7 @@ class FhirClient:
             urllib3_log.setLevel(logging.INFO)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "FhirClient":
+    def from_settings(cls, settings: Any) -> "FhirReader":
         return cls(settings.fhir_allowed_origins, settings.fhir_timeout)
 
     def allows(self, base: FhirBase) -> bool:

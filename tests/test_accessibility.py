@@ -19,10 +19,10 @@ import requests
 from axe_helper import (assert_accessible, assert_url_accessible, axe_source, describe, inject_axe,
                          open_all_details, open_page, pinned_version, run_axe, serious)
 from cds_service import cli
-from cds_service.store import Store
+from cds_service.storage.store import Store
 from conftest import ROOT
 from test_report import seed
-from test_viewer import SACRO, Page, browser  # noqa: F401 - browser is a fixture
+from test_viewer import SERVICES, SACRO, Page, browser  # noqa: F401 - browser is a fixture
 
 POLICY = json.loads((ROOT / "cards/ccp1247-sacroplasty/policy.json").read_text(encoding="utf-8"))
 
@@ -112,7 +112,7 @@ def test_viewer_with_a_card_of_each_indicator(browser, dev_url: str) -> None:
               "overrideReasons": [{"system": "urn:x", "code": "x", "display": "A reason"}]}
              for indicator in ("info", "warning", "critical", "unexpected")]
     tab = Page(browser, dev_url)
-    tab.page.route(f"**/cds-services/{POLICY['services']['order-select']['id']}",
+    tab.page.route(f"**/cds-services/{SERVICES['order-select']['id']}",
                    lambda route: route.fulfill(status=200, content_type="application/json",
                                                body=json.dumps({"cards": cards})))
     tab.fire(SACRO)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cds_service.api import _too_deep
+from cds_service.web.api import _too_deep
 from conftest import load_fixture
 
 # fixture → the draft orders that must get a card (in order); every other fixture order gets none

@@ -30,12 +30,12 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from cds_service import create_app
-from cds_service.auth import (
+from cds_service.auth.tokens import (
     JWKS_MIN_REFRESH, Authenticator, ClientsFileError, KeySetCache, KeySetError, fetch_jwks, load_clients,
 )
 from cds_service.config import ConfigError, Settings
 from cds_service.errors import ApiError
-from cds_service.store import Store
+from cds_service.storage.store import Store
 from conftest import free_port, load_fixture
 
 PUBLIC = "https://cds.example.test"

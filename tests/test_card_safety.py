@@ -10,13 +10,13 @@ from datetime import datetime, timezone
 
 import pytest
 
-from cds_service.cards import MAX_ORDER_NAME, CardBuilder
+from cds_service.pipeline.cards import MAX_ORDER_NAME, CardBuilder
 from cds_service.config import Settings
-from cds_service.decide import Decision
-from cds_service.detect import Detector, Match
-from cds_service.eligibility import ChiroStatus, PlanStatus
-from cds_service.hooks import parse_hook_request
-from cds_service.policy import load_policies
+from cds_service.pipeline.decide import Decision
+from cds_service.pipeline.detect import Detector, Match
+from cds_service.pipeline.eligibility import ChiroStatus, PlanStatus
+from cds_service.pipeline.hooks import parse_hook_request
+from cds_service.pipeline.policy import load_policies
 from conftest import load_fixture
 from test_api import EXPECTED, post
 
@@ -96,7 +96,8 @@ def test_a_created_order_without_a_fitting_reason_has_none(client) -> None:
 
 
 def _decision(order: dict, plan_note: str | None, chiro: ChiroStatus) -> Decision:
-    return Decision(order, Match("code", "CPT|0200T"), PlanStatus(True, None, plan_note), chiro)
+    return Decision(order, Match("code", "CPT|0200T"), PlanStatus(True, None, plan_note),
+                    {"chiropractic-first-four-weeks": chiro}, policy=POLICY)
 
 
 def _notes(prefix: tuple[str, ...]) -> list[str | None]:

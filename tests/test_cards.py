@@ -9,7 +9,7 @@ import pytest
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from cds_service.config import Settings
-from cds_service.policy import load_policies
+from cds_service.pipeline.policy import load_policies
 from conftest import load_fixture
 from test_api import EXPECTED, SERVICE, post
 
@@ -92,7 +92,7 @@ def test_one_suggestion_per_orderable_alternative_with_codes(client) -> None:
     suggestions = cards[0]["suggestions"]
     offered = {s["actions"][1]["resource"]["code"]["coding"][0]["code"] for s in suggestions}
     expected = {a.codings[0]["code"] for a in POLICY.alternatives}
-    chiropractic = {a.codings[0]["code"] for a in POLICY.alternatives if a.conditional == "chiropractic"}
+    chiropractic = {a.codings[0]["code"] for a in POLICY.alternatives if a.rule == "chiropractic-first-four-weeks"}
     assert expected - chiropractic <= offered <= expected
     for suggestion in suggestions:
         codings = suggestion["actions"][1]["resource"]["code"]["coding"]
@@ -122,6 +122,7 @@ def test_card_text_comes_from_cards_data(tmp_path) -> None:
 
     folder = tmp_path / "cards" / "policy"
     shutil.copytree(Settings().cards_dir / "ccp1247-sacroplasty", folder)
+    shutil.copy(Settings().cards_dir / "services.json", tmp_path / "cards")
     meta = json.loads((folder / "policy.json").read_text())
     meta["card"]["summary"] = "Changed summary from the data"
     meta["version"] = "2099-01"
@@ -154,7 +155,7 @@ def test_no_loop_created_orders_get_no_card(client, hook: str) -> None:
 
 
 def test_new_ids_are_canonical_version_4_uuids() -> None:
-    from cds_service.cards import new_ids
+    from cds_service.pipeline.cards import new_ids
 
     ids = list(new_ids(5000))
     parsed = [uuid.UUID(value) for value in ids]

@@ -18,8 +18,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 import conftest
 from conftest import FIXTURES, free_port, load_fixture
 from cds_service.cli import main
-from cds_service.conformance import check_response
-from cds_service.signing import thumbprint
+from cds_service.tools.conformance import check_response
+from cds_service.tools.signing import thumbprint
 
 SACRO = FIXTURES / "order-select-sacroplasty-cpt.json"
 SERVICE_PATH = "/cds-services/sacroplasty-order-select"

@@ -14,9 +14,10 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cds_service import cards, limits
+from cds_service.pipeline import cards
+from cds_service.pipeline import limits
 from cds_service.config import Settings
-from cds_service.policy import load_policies
+from cds_service.pipeline.policy import load_policies
 from conftest import load_fixture
 
 POLICY = load_policies(Settings().cards_dir)[0]
@@ -252,7 +253,7 @@ def test_coverage_beyond_a_cap_is_unavailable(client, caplog, grow: Callable[[di
     assert plain["systemActions"] and NOT_CHECKED not in plain["cards"][0]["detail"]
     body = member()
     grow(body)
-    with caplog.at_level(logging.WARNING, logger="cds_service.patient"):
+    with caplog.at_level(logging.WARNING, logger="cds_service.pipeline.patient"):
         response = post(client, body)
     assert response.status_code == 200
     answer = response.get_json()

@@ -14,12 +14,12 @@ from fhir.resources.R4B.extension import Extension
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from conftest import load_fixture
-from cds_service import crd
+from cds_service.pipeline import crd
 from cds_service.config import Settings
-from cds_service.decide import Decision
-from cds_service.detect import Match
-from cds_service.eligibility import ChiroStatus, PlanStatus
-from cds_service.policy import PolicyError, load_policies
+from cds_service.pipeline.decide import Decision
+from cds_service.pipeline.detect import Match
+from cds_service.pipeline.eligibility import ChiroStatus, PlanStatus
+from cds_service.pipeline.policy import load_catalogue, PolicyError, load_policies
 
 SERVICE = {"order-select": "sacroplasty-order-select", "order-sign": "sacroplasty-order-sign"}
 FIXTURE = "order-select-sacroplasty-cpt.json"
@@ -305,9 +305,9 @@ def test_different_coverages_get_different_assertion_ids() -> None:
     orders = [dict(draft(body), id=f"sr-{n}") for n in range(3)]
     coverages = [{"resourceType": "Coverage", "id": cid} for cid in ("cov-a", "cov-b", "cov-a")]
     decisions = [Decision(order, Match(rule="code", evidence="test"),
-                          PlanStatus(applies=True, coverage=coverage, note=None), ChiroStatus(offer=False, note=None))
+                          PlanStatus(applies=True, coverage=coverage, note=None), {}, policy=policy)
                  for order, coverage in zip(orders, coverages)]
-    actions = crd.coverage_actions(decisions, policy, date(2026, 1, 2))
+    actions = crd.coverage_actions(decisions, date(2026, 1, 2))
     by_coverage: dict[str, set[str]] = {}
     for action in actions:
         (extension,) = coverage_extensions(action["resource"])
@@ -424,8 +424,8 @@ def test_discovery_declares_crd_version_and_configuration_options(client) -> Non
     {"code": "cost", "type": "boolean", "name": "Cost", "description": "d", "response": "coverage-info"},
 ])
 def test_a_policy_option_that_switches_nothing_or_lacks_a_default_is_refused(option: dict[str, Any]) -> None:
-    policy = load_policies(Settings().cards_dir)[0]
-    broken = dataclasses.replace(policy, crd={**policy.crd, "options": [*policy.crd["options"], option]})
+    config = load_catalogue(Settings().cards_dir).crd
+    broken = {**config, "options": [*config["options"], option]}
     with pytest.raises(PolicyError):
         crd.discovery_extension(broken)
 

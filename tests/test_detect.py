@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cds_service.config import Settings
-from cds_service.detect import BOUNDARY, Detector, compact, edit_distance_at_most, governed, pieces
-from cds_service.policy import load_policies
+from cds_service.pipeline.detect import BOUNDARY, Detector, compact, edit_distance_at_most, governed, pieces
+from cds_service.pipeline.policy import load_policies
 
 CPT = "http://www.ama-assn.org/go/cpt"
 PCS = "http://www.cms.gov/Medicare/Coding/ICD10"

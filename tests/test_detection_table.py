@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from cds_service.config import Settings
-from cds_service.detect import Detector
-from cds_service.policy import load_policies
+from cds_service.pipeline.detect import Detector
+from cds_service.pipeline.policy import load_policies
 
 TABLE = json.loads((Path(__file__).parent / "detection_table.json").read_text(encoding="utf-8"))["rows"]
 

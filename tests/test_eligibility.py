@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from cds_service.config import Settings
-from cds_service.decide import Finding, decide
-from cds_service.eligibility import (PayerMatcher, ValueSet, chiropractic_status, date_range, is_active,
+from cds_service.pipeline.decide import Finding, decide
+from cds_service.pipeline.eligibility import (PayerMatcher, ValueSet, chiropractic_status, date_range, is_active,
                                      onset_window, patient_chiropractic, plan_status)
-from cds_service.patient import PatientContext, from_prefetch
-from cds_service.hooks import parse_hook_request
-from cds_service.policy_page import page_markdown
-from cds_service.policy import load_policies
+from cds_service.pipeline.patient import PatientContext, from_prefetch
+from cds_service.pipeline.hooks import parse_hook_request
+from cds_service.web.policy_page import page_markdown
+from cds_service.pipeline.policy import load_policies
 from conftest import load_fixture
 from test_api import post
 
@@ -470,7 +470,7 @@ def test_each_order_gets_its_own_status() -> None:
     ctx = PatientContext(conditions=[lbp(onsetDateTime=days_ago(3))])
     orders = [sacroplasty((ICD, "S32.10XA")), sacroplasty((ICD, "M54.50")), sacroplasty((ICD, "C79.51"))]
     decisions = decide([Finding(order, object()) for order in orders], ctx, POLICY, TODAY)
-    assert [d.chiropractic.note for d in decisions] == \
+    assert [d.rules["chiropractic-first-four-weeks"].note for d in decisions] == \
         ["chiro_contraindicated_fracture", "chiro_offered", "chiro_contraindicated_malignancy"]
 
 
@@ -491,7 +491,7 @@ def test_chiropractic_notes_are_short_and_name_what_to_confirm() -> None:
 
 def test_a_padded_reason_is_read_in_one_pass_per_coding() -> None:
     """Cost bound: each coding costs one probe per distinct prefix length, not one per listed code."""
-    from cds_service.eligibility import chiro_rules
+    from cds_service.pipeline.eligibility import chiro_rules
     index = chiro_rules(POLICY).index
     assert len(index.lengths) <= 8 < len(index.prefixes)
     order = sacroplasty(*[(ICD, f"Z{i:05d}") for i in range(20_000)], (ICD, "S32.10XA"))

@@ -17,8 +17,8 @@ from sqlalchemy import create_engine, select
 
 from cds_service import create_app
 from cds_service.config import Settings
-from cds_service.feedback import parse_timestamp
-from cds_service.store import as_utc, cards_issued, feedback
+from cds_service.storage.feedback import parse_timestamp
+from cds_service.storage.store import as_utc, cards_issued, feedback
 from conftest import free_port, load_fixture
 from test_store import NO_POSTGRES, POSTGRES_ENV, count, postgres_schema_url
 
@@ -84,8 +84,8 @@ def test_feedback_round_trip_survives_a_restart(tmp_path: Path) -> None:
     assert as_utc(o["outcome_timestamp"]) == datetime(2024, 5, 2, 8, 0, tzinfo=timezone.utc)  # offset → UTC
     # the suggestion uuid maps back to the alternative it offered
     suggestions = store.issued([first["uuid"]])[first["uuid"]]["suggestions"]
-    assert suggestions[first["suggestions"][2]["uuid"]] in {a.id for a in restarted.extensions["cds_engine"]
-                                                            .policy.alternatives}
+    assert suggestions[first["suggestions"][2]["uuid"]] in {a.id for a in restarted.extensions["cds_evaluator"]
+                                                            .policies[0].alternatives}
 
 
 def test_unknown_card_is_stored_and_marked(client, settings) -> None:
@@ -247,7 +247,7 @@ def test_a_timestamp_up_to_a_day_ahead_is_accepted(client, settings) -> None:
 
 
 def test_more_entries_than_the_cap_is_413_and_nothing_is_stored(client, settings) -> None:
-    from cds_service.feedback import MAX_ENTRIES
+    from cds_service.storage.feedback import MAX_ENTRIES
 
     many = {"feedback": [overridden(f"card-{i}") for i in range(MAX_ENTRIES + 1)]}
     response = client.post(FEEDBACK_URL, json=many)
@@ -293,7 +293,7 @@ def test_a_nul_character_is_400_naming_the_field_on_every_database(any_database_
 def test_a_value_the_store_refuses_is_400_not_503(any_database_url: str, monkeypatch) -> None:
     """Should validation ever let through a value longer than its column, the store's own check (made from
     the table definition) refuses it before the database does, and the client gets a final 400."""
-    import cds_service.feedback as feedback_module
+    import cds_service.storage.feedback as feedback_module
 
     monkeypatch.setattr(feedback_module, "MAX_CODE", 10_000)  # validation no longer knows the column's length
     client = create_app(Settings(dev=True, database_url=any_database_url)).test_client()

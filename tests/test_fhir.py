@@ -1,5 +1,5 @@
 """The FHIR server fallback against real HTTP servers on 127.0.0.1: token, budget, failures, paging, redirects,
-the origin allow-list; through the HTTP API (Flask test client) and at unit level (FhirClient)."""
+the origin allow-list; through the HTTP API (Flask test client) and at unit level (FhirReader)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from werkzeug import Request, Response
 
 from cds_service import create_app
 from cds_service.config import Settings
-from cds_service.fhir import FhirBase, FhirClient, bearer_token, normalize_origin
-from cds_service.policy import load_policies
+from cds_service.fhir import FhirBase, FhirReader, bearer_token, normalize_origin
+from cds_service.pipeline.policy import load_policies
 from conftest import load_fixture
 from test_api import post
 from test_eligibility import chiro_label, notes_in, shifted
@@ -344,9 +344,9 @@ def test_real_server_reads_the_fhir_settings_from_the_environment(start_server, 
     assert len(ehr.log) == 6
 
 
-# -- unit level: FhirClient and URL rules ----------------------------------------------------------------------
+# -- unit level: FhirReader and URL rules ----------------------------------------------------------------------
 
-def fetch(client: FhirClient, server: HTTPServer, queries: dict[str, str], token: str | None = TOKEN):
+def fetch(client: FhirReader, server: HTTPServer, queries: dict[str, str], token: str | None = TOKEN):
     authorization = {"access_token": token} if token else None
     return client.fetch(server.url_for(BASE_PATH), authorization, queries, "unit-test")
 
@@ -360,7 +360,7 @@ def test_client_fetches_concurrently_and_merges_pages(ehr) -> None:
     ehr.expect_request(f"{BASE_PATH}/Coverage").respond_with_json(page1)
     ehr.expect_request(f"{BASE_PATH}/p2").respond_with_json(page2)
     ehr.expect_request(f"{BASE_PATH}/Patient/p1").respond_with_json({"resourceType": "Patient", "id": "p1"})
-    outcome = fetch(FhirClient([origin(ehr)], 5), ehr, {"coverage": "Coverage?patient=p1",
+    outcome = fetch(FhirReader([origin(ehr)], 5), ehr, {"coverage": "Coverage?patient=p1",
                                                          "patient": "Patient/p1"})
     assert outcome.attempted and not outcome.failed
     assert [e["resource"]["id"] for e in outcome.values["coverage"]["entry"]] == ["a", "b"]
@@ -373,15 +373,15 @@ def test_client_caps_the_response_size(ehr) -> None:
     ehr.expect_request(f"{BASE_PATH}/Coverage").respond_with_json(big)
     ehr.expect_request(f"{BASE_PATH}/Condition").respond_with_handler(
         lambda request: Response((json.dumps(big) for _ in range(1)), content_type="application/fhir+json"))
-    outcome = fetch(FhirClient([origin(ehr)], 5, max_bytes=2000), ehr,
+    outcome = fetch(FhirReader([origin(ehr)], 5, max_bytes=2000), ehr,
                     {"coverage": "Coverage?patient=p", "conditions": "Condition?patient=p"})
     assert outcome.failed == {"coverage", "conditions"} and outcome.values == {}
-    small = fetch(FhirClient([origin(ehr)], 5, max_bytes=20000), ehr, {"coverage": "Coverage?patient=p"})
+    small = fetch(FhirReader([origin(ehr)], 5, max_bytes=20000), ehr, {"coverage": "Coverage?patient=p"})
     assert not small.failed
 
 
 def test_client_does_nothing_without_a_listed_origin(ehr) -> None:
-    outcome = fetch(FhirClient([], 5), ehr, {"coverage": "Coverage?patient=p"})
+    outcome = fetch(FhirReader([], 5), ehr, {"coverage": "Coverage?patient=p"})
     assert not outcome.attempted and not outcome.values and not outcome.failed
     assert ehr.log == []
 
@@ -456,7 +456,7 @@ CLIMBS = ["..;/admin", "..%2Fadmin", "%2f..%2fadmin", "\\..\\admin", "%2e%2e/adm
 @pytest.mark.parametrize("climb", CLIMBS)
 def test_query_that_climbs_is_not_sent(ehr, climb: str) -> None:
     ehr.expect_request(f"{BASE_PATH}/Coverage").respond_with_json({"resourceType": "Bundle", "type": "searchset"})
-    outcome = fetch(FhirClient([origin(ehr)], 5), ehr, {"coverage": climb})
+    outcome = fetch(FhirReader([origin(ehr)], 5), ehr, {"coverage": climb})
     assert outcome.failed == {"coverage"}
     assert ehr.log == []
 
@@ -466,7 +466,7 @@ def test_next_link_that_climbs_is_not_followed(ehr, climb: str) -> None:
     first = {"resourceType": "Bundle", "type": "searchset", "entry": [],
              "link": [{"relation": "next", "url": f"{ehr.url_for(BASE_PATH)}/{climb}"}]}
     ehr.expect_request(f"{BASE_PATH}/Coverage").respond_with_json(first)
-    outcome = fetch(FhirClient([origin(ehr)], 5), ehr, {"coverage": "Coverage?patient=p"})
+    outcome = fetch(FhirReader([origin(ehr)], 5), ehr, {"coverage": "Coverage?patient=p"})
     assert outcome.failed == {"coverage"}
     assert [r.path for r, _ in ehr.log] == [f"{BASE_PATH}/Coverage"]
 
@@ -475,7 +475,7 @@ def test_next_link_that_climbs_is_not_followed(ehr, climb: str) -> None:
 def test_redirect_that_climbs_is_not_followed(ehr, climb: str) -> None:
     ehr.expect_request(f"{BASE_PATH}/Coverage").respond_with_response(
         Response(status=302, headers={"Location": f"{ehr.url_for(BASE_PATH)}/{climb}"}))
-    outcome = fetch(FhirClient([origin(ehr)], 5), ehr, {"coverage": "Coverage?patient=p"})
+    outcome = fetch(FhirReader([origin(ehr)], 5), ehr, {"coverage": "Coverage?patient=p"})
     assert outcome.failed == {"coverage"}
     assert [r.path for r, _ in ehr.log] == [f"{BASE_PATH}/Coverage"]
 
@@ -550,7 +550,7 @@ def trickling() -> Iterator[TricklingServer]:
 
 @pytest.mark.parametrize("slow", ["slow-head", "slow-body"])
 def test_trickling_server_does_not_starve_the_pool_for_later_calls(trickling, slow: str) -> None:
-    client = FhirClient([f"http://127.0.0.1:{trickling.port}"], 0.5, threads=2)
+    client = FhirReader([f"http://127.0.0.1:{trickling.port}"], 0.5, threads=2)
     stalled = client.fetch(trickling.base, None, {"coverage": f"Coverage?patient={slow}",
                                                   "conditions": f"Coverage?patient={slow}-2"}, "unit-test")
     assert stalled.failed == {"coverage", "conditions"}  # the budget is kept, as before

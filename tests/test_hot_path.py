@@ -8,7 +8,7 @@ from typing import Any
 from fhir.resources.R4B.servicerequest import ServiceRequest
 from hypothesis import given, settings, strategies as st
 
-from cds_service.api import _too_deep
+from cds_service.web.api import _too_deep
 from conftest import load_fixture
 
 SELECT = "/cds-services/sacroplasty-order-select"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.logs import FORMAT, BatchedStreamHandler
+from cds_service.serving.logs import FORMAT, BatchedStreamHandler
 
 
 @pytest.fixture

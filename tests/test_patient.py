@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from cds_service.config import Settings
-from cds_service.eligibility import chiropractic_status, plan_status
-from cds_service import limits
-from cds_service.fhir import FetchOutcome, FhirClient
-from cds_service.hooks import parse_hook_request
-from cds_service.patient import PREFETCH_TEMPLATES, fallback_query, from_prefetch, gather
-from cds_service.policy import load_policies
+from cds_service.pipeline.eligibility import chiropractic_status, plan_status
+from cds_service.pipeline import limits
+from cds_service.fhir import FetchOutcome, FhirReader
+from cds_service.pipeline.hooks import parse_hook_request
+from cds_service.pipeline.patient import PREFETCH_TEMPLATES, fallback_query, from_prefetch, gather
+from cds_service.pipeline.policy import load_policies
 from conftest import load_fixture
 
 POLICY = load_policies(Settings().cards_dir)[0]
@@ -105,7 +105,7 @@ def test_a_patient_key_holding_a_bundle_is_garbage() -> None:
 
 def test_unlisted_fhir_server_leaves_absent_keys_unknown(caplog) -> None:
     caplog.set_level(logging.WARNING, logger="cds_service")
-    client = FhirClient(["https://other.example.org"], 0.8)
+    client = FhirReader(["https://other.example.org"], 0.8)
     ctx = gather(request_with(None, fhirServer="https://ehr.example.org/fhir/R4"), client)
     assert (ctx.coverages, ctx.conditions, ctx.unavailable) == (None, None, frozenset())
     messages = [r.getMessage() for r in caplog.records]
@@ -114,7 +114,7 @@ def test_unlisted_fhir_server_leaves_absent_keys_unknown(caplog) -> None:
 
 
 class _ServerWithTooMuch:
-    """A FhirClient stand-in whose server answers the coverage search with more payors than the cap."""
+    """A FhirReader stand-in whose server answers the coverage search with more payors than the cap."""
 
     def fetch(self, fhir_server, authorization, queries, hook_instance):  # noqa: ANN001, ANN201
         bundle = member_prefetch()["coverage"]

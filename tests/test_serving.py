@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from cds_service.store import cards_issued
+from cds_service.storage.store import cards_issued
 from conftest import load_fixture
 from test_auth import PUBLIC, bearer, clients_file, key_server, keys, sign  # noqa: F401  (fixtures)
 from test_store import count

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cds_service.config import Settings
-from cds_service.policy import load_policies
+from cds_service.pipeline.policy import load_policies
 
 CARDS = Settings().cards_dir
 POLICY = load_policies(CARDS)[0]
@@ -39,7 +39,7 @@ def card_texts() -> dict[str, str]:
         "policy.json:crd.coverage_action_description": meta["crd"]["coverage_action_description"],
     }
     for key in ("summary", "note_on_created_order", "policy_page_link", "alternatives_offered",
-                "alternatives_listed", "also_covered"):
+                "alternatives_listed", "also_covered", "delete_description", "create_description"):
         texts[f"policy.json:card.{key}"] = meta["card"][key]
     for key, message in meta["messages"].items():
         texts[f"policy.json:messages.{key}"] = message

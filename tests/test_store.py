@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import Column, String, Table, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from cds_service import store as store_module
-from cds_service.store import Store, StoreUnavailable, cards_issued, feedback, schema_info
+from cds_service.storage import store as store_module
+from cds_service.storage.store import Store, StoreUnavailable, cards_issued, feedback, schema_info
 
 POSTGRES_ENV = "CDS_TEST_POSTGRES_URL"
 NO_POSTGRES = (f"{POSTGRES_ENV} is not set: PostgreSQL tests skipped (set it to e.g. "
@@ -281,7 +281,7 @@ def test_a_record_the_database_cannot_hold_is_dropped_at_once_and_never_holds_th
     too_long = card_row(evidence="sacral" + " " * 300 + "augmentation")
     with_nul = card_row(evidence="sacral\x00plasty")
     good = [card_row() for _ in range(3)]
-    caplog.set_level("ERROR", logger="cds_service.store")
+    caplog.set_level("ERROR", logger="cds_service.storage.store")
     store.record_cards([good[0], too_long])  # one hook call: a good card and a bad one
     store.record_cards([with_nul])
     store.record_cards(good[1:])  # queued behind them
@@ -305,7 +305,7 @@ def test_a_batch_the_database_refuses_is_written_record_by_record(database_url: 
     first = card_row()
     store.record_cards([first])
     assert store.flush(timeout=10) is True
-    caplog.set_level("ERROR", logger="cds_service.store")
+    caplog.set_level("ERROR", logger="cds_service.storage.store")
     duplicate, fresh = card_row(first["card_uuid"]), card_row()
     store.record_cards([duplicate, fresh])  # one job, one transaction
     assert store.flush(timeout=10) is True
@@ -318,7 +318,7 @@ def test_a_batch_the_database_refuses_is_written_record_by_record(database_url: 
 def test_lengths_are_checked_before_the_write_from_the_table_definitions() -> None:
     """Every String column's length comes from the table itself: one character more is refused before
     the database sees it, whatever the database (SQLite would have stored it)."""
-    from cds_service.store import TOO_LONG, InvalidRecord, check_record
+    from cds_service.storage.store import TOO_LONG, InvalidRecord, check_record
 
     limited = [c for c in cards_issued.columns if getattr(c.type, "length", None)]
     assert {c.name for c in limited} >= {"card_uuid", "hook_instance", "evidence", "rule"}
@@ -337,7 +337,7 @@ def test_lengths_are_checked_before_the_write_from_the_table_definitions() -> No
     ("rule", 5, "bad_type"), ("policy_id", None, "missing_value"),
 ])
 def test_other_values_no_database_can_hold_are_refused_before_the_write(column: str, value, reason: str) -> None:
-    from cds_service.store import InvalidRecord, check_record
+    from cds_service.storage.store import InvalidRecord, check_record
 
     row = store_module.Store._prepare_card(card_row())
     with pytest.raises(InvalidRecord) as refused:

@@ -22,9 +22,10 @@ from sqlalchemy import select
 from conftest import FIXTURES, ROOT
 from cds_service import create_app
 from cds_service.config import Settings
-from cds_service.store import Store, feedback as feedback_table
+from cds_service.storage.store import Store, feedback as feedback_table
 
 POLICY = json.loads((ROOT / "cards/ccp1247-sacroplasty/policy.json").read_text(encoding="utf-8"))
+SERVICES = {s["hook"]: s for s in json.loads((ROOT / "cards/services.json").read_text(encoding="utf-8"))["services"]}
 SACRO = "order-select-sacroplasty-cpt.json"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -67,7 +68,7 @@ def test_dev_page_lists_every_example_request(client) -> None:
     html = client.get("/").get_data(as_text=True)
     for path in FIXTURES.glob("*.json"):
         assert f'value="{path.name}"' in html
-    for service in POLICY["services"].values():
+    for service in SERVICES.values():
         assert f'value="{service["id"]}"' in html
 
 
@@ -97,7 +98,7 @@ def test_production_front_page_names_the_service_and_nothing_more(production_cli
     html = response.get_data(as_text=True)
     assert POLICY["number"] in html and POLICY["version"] in html
     assert "https://cds.example.org/cds-services" in html
-    for service in POLICY["services"].values():
+    for service in SERVICES.values():
         assert f"/cds-services/{service['id']}" in html
     page = Scripts()
     page.feed(html)
@@ -250,10 +251,10 @@ def test_choosing_a_suggestion_shows_its_actions_and_sends_accepted_feedback(bro
 def test_loading_an_order_sign_request_chooses_the_order_sign_service(browser, dev_server) -> None:
     tab = Page(browser, dev_server.url)
     response = tab.fire("order-sign-mixed.json")
-    assert tab.page.input_value("#service") == POLICY["services"]["order-sign"]["id"]
+    assert tab.page.input_value("#service") == SERVICES["order-sign"]["id"]
     assert tab.page.locator(".card").count() == len(response["cards"]) == 1
     tab.fire("order-select-vertebroplasty-lumbar.json")
-    assert tab.page.input_value("#service") == POLICY["services"]["order-select"]["id"]
+    assert tab.page.input_value("#service") == SERVICES["order-select"]["id"]
     assert tab.page.locator(".card").count() == 0
     assert "No cards" in (tab.page.text_content("#cards") or "")
 
@@ -332,7 +333,7 @@ def test_the_markdown_subset_renders_as_expected_without_any_csp(browser) -> Non
     """markdown.js on its own, in a page with no CSP at all: safety must not depend on the page's policy."""
     page = browser.new_page()
     page.set_content("<!doctype html><html><body></body></html>")
-    page.add_script_tag(path=str(ROOT / "cds_service/static/markdown.js"))
+    page.add_script_tag(path=str(ROOT / "cds_service/web/static/markdown.js"))
     rendered = page.evaluate("""cases => cases.map(text => {
         const box = document.createElement('div');
         box.appendChild(window.CardMarkdown.render(text));

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cds_service.writer import GroupWriter, Job
+from cds_service.storage.writer import GroupWriter, Job
 
 
 class Recorder:

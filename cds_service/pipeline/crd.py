@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from .decide import Decision
-from .errors import bad_request
-from .patient import FHIR_ID
-from .policy import Policy, PolicyError
+from cds_service.pipeline.decide import Decision
+from cds_service.errors import bad_request
+from cds_service.pipeline.patient import FHIR_ID
+from cds_service.pipeline.policy import Policy, PolicyError
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,17 @@ def _kind(option: dict[str, Any]) -> str:
     return kind
 
 
-def discovery_extension(policy: Policy) -> dict[str, Any]:
-    """`davinci-crd.version` and `davinci-crd.configuration-options` for a service's discovery entry."""
+def discovery_extension(crd_config: dict[str, Any]) -> dict[str, Any]:
+    """`davinci-crd.version` and `davinci-crd.configuration-options` for a service's discovery entry
+    (cards/services.json `crd`)."""
     options = []
-    for option in policy.crd["options"]:
+    for option in crd_config["options"]:
         _kind(option)  # a policy whose option switches nothing must not start
         missing = [key for key in _OPTION_KEYS if key not in option]
         if missing:  # CRD dev-4: code, type, name, description and a default, always
             raise PolicyError(f"crd option {option.get('code')!r}: missing {', '.join(missing)}")
         options.append({key: option[key] for key in _OPTION_KEYS})
-    return {VERSION: list(policy.crd["versions"]), CONFIGURATION_OPTIONS: options}
+    return {VERSION: list(crd_config["versions"]), CONFIGURATION_OPTIONS: options}
 
 
 def _major_minor(version: str) -> str:
@@ -73,7 +74,7 @@ def _major_minor(version: str) -> str:
     return ".".join(version.strip().split(".")[:2])
 
 
-def requested_kinds(extension: dict[str, Any], policy: Policy) -> ResponseKinds:
+def requested_kinds(extension: dict[str, Any], crd_config: dict[str, Any]) -> ResponseKinds:
     """Read the request's `davinci-crd.requestedVersion` and `davinci-crd.configuration`.
 
     An unsupported requested version is an error (the IG: the server SHALL return an error). Unknown
@@ -81,15 +82,15 @@ def requested_kinds(extension: dict[str, Any], policy: Policy) -> ResponseKinds:
     """
     requested = extension.get(REQUESTED_VERSION)
     if requested is not None:
-        if not isinstance(requested, str) or _major_minor(requested) not in policy.crd["versions"]:
+        if not isinstance(requested, str) or _major_minor(requested) not in crd_config["versions"]:
             shown = repr(requested) if isinstance(requested, str) and len(requested) <= 20 else "of this form"
             raise bad_request(
                 f"davinci-crd.requestedVersion {shown} is not supported; supported: "
-                + ", ".join(policy.crd["versions"]), f"extension.{REQUESTED_VERSION}")
+                + ", ".join(crd_config["versions"]), f"extension.{REQUESTED_VERSION}")
     config = extension.get(CONFIGURATION)
     kinds: dict[str, bool] = {}
     if isinstance(config, dict):
-        for option in policy.crd["options"]:
+        for option in crd_config["options"]:
             value = config.get(option["code"])
             if isinstance(value, bool):
                 kinds[_kind(option)] = value
@@ -154,46 +155,50 @@ def _valid_r4(resource: dict[str, Any]) -> bool:
     return True
 
 
-def coverage_actions(decisions: list[Decision], policy: Policy, today: date) -> list[dict[str, Any]]:
-    """One `update` systemAction per decision whose order has an id and whose Coverage with the plan is known.
+def coverage_actions(decisions: list[Decision], today: date) -> list[dict[str, Any]]:
+    """One `update` systemAction per order that has an id and whose Coverage with a ruling pack's payer is
+    known, carrying the assertion of every pack that ruled on it (each decision knows its pack).
 
     The updated resource is the draft order unchanged except for its coverage-information extensions
-    (CRD resp-37): ours replaces any earlier one about the same Coverage, others are kept. Every order
+    (CRD resp-37): ours replace any earlier ones about the same Coverage, others are kept. Every order
     asserted against the same Coverage in one response shares one coverage-assertion-id (resp-32/33).
-    No action when the draft already carries the same assertion (resp-35: nothing new), or when the
+    No action when the draft already carries the same assertions (resp-35: nothing new), or when the
     result would not be valid FHIR R4 (resp-47; we may not repair the client's other elements).
     """
     assertion_ids: dict[str, str] = {}
-    actions = []
+    by_order: dict[str, list[tuple[Decision, str]]] = {}
     for decision in decisions:
-        order = decision.order
         reference = _coverage_reference(decision.plan.coverage)
-        if not reference or not isinstance(order.get("id"), str) or not order["id"]:
-            continue
-        assertion_id = assertion_ids.setdefault(reference, str(uuid.uuid4()))
-        ours = coverage_information(reference, policy, assertion_id, today)
+        order_id = decision.order.get("id")
+        if reference and isinstance(order_id, str) and order_id and decision.policy is not None:
+            by_order.setdefault(order_id, []).append((decision, reference))
+    actions = []
+    for ruled in by_order.values():
+        first, _ = ruled[0]
+        order = first.order
+        ours = [coverage_information(reference, decision.policy, assertion_ids.setdefault(reference, str(uuid.uuid4())),
+                                     today) for decision, reference in ruled if decision.policy is not None]
+        references = {reference for _, reference in ruled}
         existing = order.get("extension", [])
         existing = [] if existing is None else existing
         if not isinstance(existing, list):
             log.warning("coverage-information update left out: the draft order's extension is not a list")
             continue
-        earlier = [e for e in existing if _refers_to(e, reference)]
-        if earlier and all(_assertion(e) == _assertion(ours) for e in earlier):
+        earlier = [e for e in existing if any(_refers_to(e, r) for r in references)]
+        if earlier and sorted(map(_assertion, earlier)) == sorted(map(_assertion, ours)):
             continue
         resource = orjson.loads(orjson.dumps(order))  # a deep copy, 8x faster than copy.deepcopy
-        resource["extension"] = [e for e in resource.get("extension") or [] if not _refers_to(e, reference)] + [ours]
+        resource["extension"] = [e for e in resource.get("extension") or []
+                                 if not any(_refers_to(e, r) for r in references)] + ours
         # Only coverage-information extensions changed, ours valid by construction: a valid order stays valid.
-        # An invalid one stays invalid when ours was only appended to its (non-empty) extensions: nothing of
+        # An invalid one stays invalid when ours were only appended to its (non-empty) extensions: nothing of
         # it was removed, so it is not validated a second time (the costliest step, bounded by the caps).
-        if not decision.order_is_valid:
+        if not first.order_is_valid:
             if not earlier and existing:
                 log.warning("coverage-information update left out: the draft order is not valid FHIR R4")
                 continue
             if not _valid_r4(resource):
                 continue
-        actions.append({
-            "type": "update",
-            "description": policy.crd["coverage_action_description"],
-            "resource": resource,
-        })
+        descriptions = dict.fromkeys(d.policy.crd["coverage_action_description"] for d, _ in ruled if d.policy)
+        actions.append({"type": "update", "description": " ".join(descriptions), "resource": resource})
     return actions

@@ -1,4 +1,5 @@
-"""The payer policy as data: loads one policy folder of cards/ once and keeps it immutable."""
+"""Policy packs as data: every folder of cards/ is one pack (a payer policy), loaded once and kept immutable;
+cards/services.json names the CDS services that judge orders against all of them."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class Alternative:
     card_text: str  # the policy's line, faithfully shortened for the card
     text: str
     codings: tuple[dict[str, str], ...]
-    conditional: str | None = None
+    rule: str | None = None  # a conditional rule (pipeline/rules.py) that decides whether it is offered
     reasons_that_fit: tuple[str, ...] = ()  # conditions.json value sets whose reasonCode the created order copies
     withheld_when: tuple[str, ...] = ()  # conditions.json contraindication kinds that rule the one-click order out
 
@@ -51,7 +52,6 @@ class Policy:
     source: dict[str, Any]
     card: dict[str, Any]
     messages: dict[str, str]
-    services: dict[str, dict[str, str]]
     crd: dict[str, Any]
     override_reasons: tuple[dict[str, str], ...]
     detection: dict[str, Any]
@@ -75,6 +75,35 @@ class Policy:
 
     def alternative(self, alternative_id: str) -> Alternative | None:
         return next((a for a in self.alternatives if a.id == alternative_id), None)
+
+    @property
+    def rule_names(self) -> tuple[str, ...]:
+        """The conditional rules (pipeline/rules.py) this pack's alternatives name, each once."""
+        return tuple(dict.fromkeys(a.rule for a in self.alternatives if a.rule))
+
+    @property
+    def label(self) -> str:
+        """How the pack is named to EHRs and people: its payer and number."""
+        return f"{self.payer['name']} {self.number}"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One CDS service of cards/services.json: a hook, the id EHRs registered, neutral words."""
+
+    hook: str
+    id: str
+    title: str
+    description: str  # $packs is filled with the loaded packs
+
+
+@dataclass(frozen=True, eq=False)
+class Catalogue:
+    """Everything cards/ holds: the services and every pack."""
+
+    services: tuple[ServiceConfig, ...]
+    crd: dict[str, Any]  # versions and configuration options declared by every service
+    packs: tuple[Policy, ...]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -107,7 +136,6 @@ def load_policy(folder: Path) -> Policy:
             source=meta["source"],
             card=meta["card"],
             messages=meta["messages"],
-            services=meta["services"],
             crd=meta["crd"],
             override_reasons=tuple(meta["override_reasons"]),
             detection=_read_json(folder / "detection.json"),
@@ -120,7 +148,7 @@ def load_policy(folder: Path) -> Policy:
                     card_text=a["card_text"],
                     text=a["text"],
                     codings=tuple(a["codings"]),
-                    conditional=a.get("conditional"),
+                    rule=a.get("rule"),
                     reasons_that_fit=tuple(a["reasons_that_fit"]),
                     withheld_when=tuple(a["withheld_when"]),
                 )
@@ -136,6 +164,12 @@ def load_policy(folder: Path) -> Policy:
         )
     except (KeyError, TypeError) as exc:
         raise PolicyError(f"{folder}: malformed policy data ({exc!r})") from exc
+    from cds_service.pipeline.rules import RULES  # the registry imports this module
+
+    unknown_rules = {a.rule for a in policy.alternatives if a.rule} - set(RULES)
+    if unknown_rules:
+        raise PolicyError(f"{folder / 'alternatives.json'}: orderable[].rule: unknown rule "
+                          f"{', '.join(sorted(unknown_rules))} (known: {', '.join(sorted(RULES))})")
     unknown = {name for a in policy.alternatives for name in a.reasons_that_fit} - set(policy.conditions)
     unknown |= {kind for a in policy.alternatives for kind in a.withheld_when} \
         - set(policy.conditions.get("contraindications", {}))
@@ -147,8 +181,26 @@ def load_policy(folder: Path) -> Policy:
 
 @lru_cache(maxsize=8)
 def load_policies(cards_dir: Path) -> tuple[Policy, ...]:
-    """Every policy folder under cards/ (each holds a policy.json), loaded once per process."""
+    """Every pack under cards/ (each folder holding a policy.json), loaded once per process."""
     folders = sorted(p.parent for p in Path(cards_dir).glob("*/policy.json"))
     if not folders:
         raise PolicyError(f"no policy found under {cards_dir}")
-    return tuple(load_policy(folder) for folder in folders)
+    policies = tuple(load_policy(folder) for folder in folders)
+    ids = [p.id for p in policies]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise PolicyError(f"{cards_dir}: two packs have the id {', '.join(repeated)}")
+    return policies
+
+
+@lru_cache(maxsize=8)
+def load_catalogue(cards_dir: Path) -> Catalogue:
+    """cards/services.json and every pack under cards_dir."""
+    meta = _read_json(Path(cards_dir) / "services.json")
+    packs = load_policies(Path(cards_dir))
+    try:
+        services = tuple(ServiceConfig(s["hook"], s["id"], s["title"], s["description"]) for s in meta["services"])
+        crd = {"versions": list(meta["crd"]["versions"]), "options": list(meta["crd"]["options"])}
+    except (KeyError, TypeError) as exc:
+        raise PolicyError(f"{Path(cards_dir) / 'services.json'}: malformed ({exc!r})") from exc
+    return Catalogue(services, crd, packs)

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .errors import ApiError, bad_request
-from .store import (
+from cds_service.errors import ApiError, bad_request
+from cds_service.storage.store import (
     MAX_CODE, MAX_DISPLAY, MAX_ID, MAX_SYSTEM, NUL_CHARACTER, RETRY_AFTER_SECONDS, TOO_LONG, InvalidRecord,
-    StoreUnavailable, utcnow,
+    Store, StoreUnavailable, utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -282,11 +282,11 @@ def _refused(exc: InvalidRecord) -> ApiError:
     return bad_request(f"invalid feedback, nothing was stored: {field}: {why}", field=field)
 
 
-def receive(engine: Any, service: Any, body: Any) -> dict[str, Any]:
-    """Validate and store one feedback request for `service`; the JSON answer. Raises ApiError (400, 503)."""
+def receive(store: Store | None, service_id: str, body: Any) -> dict[str, Any]:
+    """Validate and store one feedback request for the service `service_id`; the JSON answer. Raises
+    ApiError (400, 503)."""
     received_at = utcnow()
     entries = parse_feedback(body, received_at)
-    store = engine.store
     unavailable = ApiError(503, "database_unavailable",
                            "the feedback could not be stored because the database is unavailable; nothing was "
                            "stored, send it again later", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -296,7 +296,7 @@ def receive(engine: Any, service: Any, body: Any) -> dict[str, Any]:
         known = _issued(store, {e.card for e in entries})
         stored = store.add_feedback([{
             "card_uuid": e.card,
-            "service_id": service.id,
+            "service_id": service_id,
             "known_card": e.card in known,
             "outcome": e.outcome,
             "accepted_suggestions": list(e.accepted_suggestions),
@@ -308,14 +308,14 @@ def receive(engine: Any, service: Any, body: Any) -> dict[str, Any]:
             "received_at": received_at,
         } for e in entries])
     except InvalidRecord as exc:  # validation above should have caught it; the store checks again
-        log.error("feedback for service=%s not stored (%d entries): %s.%s %s", service.id, len(entries),
+        log.error("feedback for service=%s not stored (%d entries): %s.%s %s", service_id, len(entries),
                   exc.table, exc.column, exc.reason)
         raise _refused(exc) from None
     except StoreUnavailable as exc:
         log.error("feedback for service=%s not stored (%d entries): database unavailable (%s)",
-                  service.id, len(entries), exc)
+                  service_id, len(entries), exc)
         raise unavailable from None
     unknown = sum(1 for e in entries if e.card not in known)
     log.info("feedback service=%s entries=%d stored=%d duplicates=%d unknown_cards=%d",
-             service.id, len(entries), stored, len(entries) - stored, unknown)
+             service_id, len(entries), stored, len(entries) - stored, unknown)
     return {"stored": stored, "duplicates": len(entries) - stored}

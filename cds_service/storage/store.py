@@ -28,8 +28,8 @@ from sqlalchemy.exc import (
     DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError, StatementError,
 )
 
-from .safetext import printable
-from .writer import GroupWriter, Job
+from cds_service.safetext import printable
+from cds_service.storage.writer import GroupWriter, Job
 
 log = logging.getLogger(__name__)
 

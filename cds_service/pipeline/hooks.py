@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from . import limits
-from .errors import ApiError, bad_request, too_large
+from cds_service.pipeline import limits
+from cds_service.errors import ApiError, bad_request, too_large
 
 JUDGED_STATUSES = {"draft", "active"}
 

@@ -9,11 +9,12 @@ from typing import Any
 
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from .detect import Detector, Match
-from .eligibility import ChiroStatus, PlanStatus, patient_chiropractic, plan_status
-from .hooks import HookRequest
-from .patient import PatientContext
-from .policy import Policy
+from cds_service.pipeline.detect import Detector, Match
+from cds_service.pipeline.eligibility import PlanStatus, patient_contraindications, plan_status
+from cds_service.pipeline.hooks import HookRequest
+from cds_service.pipeline.patient import PatientContext
+from cds_service.pipeline.policy import Policy
+from cds_service.pipeline.rules import RULES, RuleStatus
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class Decision:
     order: dict[str, Any]
     match: Match
     plan: PlanStatus
-    chiropractic: ChiroStatus
+    rules: dict[str, RuleStatus]  # rule name (alternatives.json `rule`) → its answer for this order
+    contraindications: frozenset[str] = frozenset()  # kinds recorded (conditions.json): withhold alternatives
+    policy: Policy | None = None  # the pack that ruled
 
     @cached_property
     def order_is_valid(self) -> bool:
@@ -63,5 +66,12 @@ def decide(findings: list[Finding], ctx: PatientContext, policy: Policy, today: 
     plan = plan_status(ctx, policy)
     if not plan.applies:
         return []
-    chiro = patient_chiropractic(ctx, policy, today)  # the patient's part once; each order adds its reasons
-    return [Decision(f.order, f.match, plan, chiro.for_order(f.order, policy)) for f in findings]
+    # The patient's part once per call; each order adds its own code text and reasons.
+    recorded = patient_contraindications(ctx, policy)
+    rules = {name: RULES[name](ctx, policy, today) for name in policy.rule_names}
+    decisions = []
+    for finding in findings:
+        kinds = recorded.for_order(finding.order)
+        statuses = {name: rule.for_order(finding.order, policy, kinds) for name, rule in rules.items()}
+        decisions.append(Decision(finding.order, finding.match, plan, statuses, kinds, policy))
+    return decisions

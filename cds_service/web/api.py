@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .engine import Engine, Service
-from .errors import ApiError, bad_request
+from cds_service.pipeline.evaluate import Evaluation, Evaluator, Service
+from cds_service.errors import ApiError, bad_request
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("cds", __name__)
 
 
-def engine() -> Engine:
-    return current_app.extensions["cds_engine"]
+def evaluator() -> Evaluator:
+    return current_app.extensions["cds_evaluator"]
 
 
 def _service(service_id: str) -> Service:
-    service = engine().services.get(service_id)
+    service = evaluator().services.get(service_id)
     if service is None:
         raise ApiError(404, "unknown_service", f"no CDS service with id {service_id!r}; see GET /cds-services")
     return service
@@ -94,7 +95,7 @@ def authenticate(service: Service, feedback: bool = False) -> None:
 def discovery() -> Response:
     if current_app.config["CDS_SETTINGS"].dev:
         log.warning("DEV MODE: hook calls are not authenticated; never expose this instance to a network")
-    return jsonify(engine().discovery())
+    return jsonify(evaluator().discovery())
 
 
 @bp.post("/cds-services/<service_id>")
@@ -105,20 +106,43 @@ def invoke(service_id: str) -> Response:
     body = read_json()
     if isinstance(body, dict) and isinstance(body.get("hookInstance"), str):
         g.hook_instance = loggable(body["hookInstance"])
-    response = engine().evaluate(service, body, base_url=request.host_url)
-    g.cards = len(response["cards"])
-    return jsonify(response)
+    evaluation = evaluator().evaluate(service, body, base_url=request.host_url)
+    _record(service, evaluation)
+    g.cards = len(evaluation.response["cards"])
+    return jsonify(evaluation.response)
+
+
+def _record(service: Service, evaluation: Evaluation) -> None:
+    """Keep what the payer's report needs of each card issued. Queued, not awaited: the clinician's card
+    never waits for the database, nor is lost to it (storage/store.py, storage/writer.py)."""
+    store = current_app.extensions.get("cds_store")
+    hook_request = evaluation.hook_request
+    if store is None or hook_request is None or not evaluation.issued:
+        return
+    issued_at = datetime.now(timezone.utc)
+    store.record_cards([{
+        "card_uuid": i.card["uuid"],
+        "service_id": service.id,
+        "hook": hook_request.hook,
+        "hook_instance": hook_request.hook_instance,
+        "issued_at": issued_at,
+        "policy_id": i.policy.id,
+        "policy_version": i.policy.version,
+        "rule": i.decision.match.rule,
+        "evidence": i.decision.match.evidence,
+        "suggestions": i.suggestions,
+    } for i in evaluation.issued])
 
 
 @bp.post("/cds-services/<service_id>/feedback")
 def feedback(service_id: str) -> Response:
-    from .feedback import receive
+    from cds_service.storage.feedback import receive
 
     service = _service(service_id)
     g.service_id = service.id
     authenticate(service, feedback=True)
     body = read_json()
-    return jsonify(receive(engine(), service, body))
+    return jsonify(receive(current_app.extensions.get("cds_store"), service.id, body))
 
 
 def _error_response(error: ApiError) -> Response:

@@ -32,10 +32,10 @@ from sqlalchemy import inspect, select
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from .config import PACKAGE_DIR, Settings
-from .feedback import timestamp_window
-from .safetext import csv_cell, printable
-from .store import as_utc, cards_issued, feedback, make_engine, safe_url
+from cds_service.config import Settings
+from cds_service.storage.feedback import timestamp_window
+from cds_service.safetext import csv_cell, printable
+from cds_service.storage.store import as_utc, cards_issued, feedback, make_engine, safe_url
 
 FORMATS = ("table", "csv", "json", "html")
 UNKNOWN_VERSION = "unknown"  # feedback about a card this database has no record of
@@ -154,7 +154,7 @@ class PolicyLabels:
 
     @classmethod
     def load(cls, cards_dir: Path) -> "PolicyLabels":
-        from .policy import PolicyError, load_policies
+        from cds_service.pipeline.policy import PolicyError, load_policies
 
         try:
             policies = load_policies(cards_dir)
@@ -407,7 +407,7 @@ def _reason_items(figures: Figures, displays: dict[str, str]) -> list[tuple[str,
 def render_html(report: Report) -> str:
     from jinja2 import Environment, FileSystemLoader
 
-    env = Environment(loader=FileSystemLoader(str(PACKAGE_DIR / "templates")), autoescape=True,
+    env = Environment(loader=FileSystemLoader(str(Path(__file__).resolve().parent)), autoescape=True,
                       trim_blocks=True, lstrip_blocks=True)
     total = report.total
     return env.get_template("report.html").render(

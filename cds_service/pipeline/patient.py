@@ -20,14 +20,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import orjson
 
-from . import limits
-from .fhir import FhirClient
-from .hooks import HookRequest
+from cds_service.pipeline import limits
+from cds_service.pipeline.hooks import HookRequest
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +137,15 @@ def fallback_query(key: str, patient_id: str) -> str:
     return f"{query}&_count={FETCH_PAGE_SIZE}" if "?" in query else query
 
 
-def gather(hook_request: HookRequest, fhir: FhirClient | None = None) -> PatientContext:
+class FhirFetcher(Protocol):
+    """Reads what prefetch lacks from the client's FHIR server (cds_service/fhir.py): the pipeline itself
+    never opens a connection."""
+
+    def fetch(self, fhir_server: str, fhir_authorization: dict[str, Any] | None, queries: dict[str, str],
+              hook_instance: str) -> Any: ...
+
+
+def gather(hook_request: HookRequest, fhir: FhirFetcher | None = None) -> PatientContext:
     """The patient context for one hook call: prefetch, then fhirServer for what is missing (see module doc)."""
     prefetch = hook_request.prefetch or {}
     hook = repr(hook_request.hook_instance[:80])

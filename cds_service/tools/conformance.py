@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .safetext import printable
+from cds_service.safetext import printable
 
 INDICATORS = ("info", "warning", "critical")
 SELECTION_BEHAVIORS = ("at-most-one", "any")

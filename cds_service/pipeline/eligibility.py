@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any, Iterable
 
-from .patient import PatientContext
-from .policy import Policy
+from cds_service.pipeline.patient import PatientContext
+from cds_service.pipeline.policy import Policy
 
 ACTIVE_CLINICAL = {"active", "recurrence", "relapse"}
 NOT_CONFIRMED = {"entered-in-error", "refuted"}
@@ -323,25 +323,44 @@ def chiro_rules(policy: Policy) -> ChiroRules:
 
 
 @dataclass(frozen=True)
+class PatientContraindications:
+    """The contraindication kinds of conditions.json recorded for the patient (computed once per call);
+    `for_order` adds those the order's own code text and reasons name."""
+    kinds: frozenset[str]
+    rules: ChiroRules
+    conditions_by_reference: dict[str, dict[str, Any]]  # "Condition/<id>" → Condition, for reasonReference
+
+    def for_order(self, order: dict[str, Any]) -> frozenset[str]:
+        concepts = [order.get("code"), *order_reasons(order, self.conditions_by_reference)]
+        kinds, _ = self.rules.findings(concepts)
+        return kinds | self.kinds
+
+
+def patient_contraindications(ctx: PatientContext, policy: Policy) -> PatientContraindications:
+    """Contraindications on the patient's Conditions that may be present (active, or with no status)."""
+    rules = chiro_rules(policy)
+    conditions = [c for c in ctx.conditions or [] if isinstance(c, dict)]
+    by_reference = {f"Condition/{c['id']}": c for c in conditions if isinstance(c.get("id"), str)}
+    kinds, _ = rules.findings(c.get("code") for c in conditions if may_be_present(c))
+    return PatientContraindications(kinds, rules, by_reference)
+
+
+@dataclass(frozen=True)
 class PatientChiro:
     """The patient-level part of the chiropractic rule, computed once per call; `for_order` adds each
-    sacroplasty order's own code and reasons."""
-    contraindications: frozenset[str]  # kinds recorded on a Condition that may be present
+    sacroplasty order's own reasons and the contraindications recorded for it."""
     radiculopathy: bool
     status: ChiroStatus  # the answer when no contraindication or radiculopathy is recorded
     conditions_by_reference: dict[str, dict[str, Any]]  # "Condition/<id>" → Condition, for reasonReference
 
-    def for_order(self, order: dict[str, Any] | None, policy: Policy) -> ChiroStatus:
+    def for_order(self, order: dict[str, Any] | None, policy: Policy,
+                  contraindications: frozenset[str] = frozenset()) -> ChiroStatus:
         rules = chiro_rules(policy)
-        if isinstance(order, dict):
-            concepts = [order.get("code"), *order_reasons(order, self.conditions_by_reference)]
-            kinds, radiculopathy = rules.findings(concepts)
-        else:
-            kinds, radiculopathy = frozenset(), False
-        kinds = kinds | self.contraindications
-        first = rules.first(kinds)
+        radiculopathy = rules.findings(order_reasons(order, self.conditions_by_reference))[1] \
+            if isinstance(order, dict) else False
+        first = rules.first(contraindications)
         if first:
-            return ChiroStatus(False, f"chiro_contraindicated_{first}", contraindications=kinds)
+            return ChiroStatus(False, f"chiro_contraindicated_{first}", contraindications=contraindications)
         if radiculopathy or self.radiculopathy:
             return ChiroStatus(False, "chiro_radiculopathy")
         return self.status
@@ -379,12 +398,12 @@ def patient_chiropractic(ctx: PatientContext, policy: Policy, today: date) -> Pa
     """What the patient's conditions say about chiropractic, before any order's reasons are read."""
     messages = policy.messages
     if ctx.conditions is None or "conditions" in ctx.unavailable:
-        return PatientChiro(frozenset(), False, ChiroStatus(True, "chiro_unknown", messages["chiro_label_unknown"]), {})
+        return PatientChiro(False, ChiroStatus(True, "chiro_unknown", messages["chiro_label_unknown"]), {})
     rules = chiro_rules(policy)
     by_reference = {f"Condition/{c['id']}": c for c in ctx.conditions
                     if isinstance(c, dict) and isinstance(c.get("id"), str)}
     present = [c for c in ctx.conditions if isinstance(c, dict) and may_be_present(c)]
-    kinds, radiculopathy = rules.findings(c.get("code") for c in present)
+    _, radiculopathy = rules.findings(c.get("code") for c in present)
     back_pain = [c for c in present if is_active(c) and rules.low_back_pain.matches(c.get("code"))]
     if not back_pain:
         status = ChiroStatus(True, "chiro_no_problem", messages["chiro_label_onset_unknown"])
@@ -397,11 +416,13 @@ def patient_chiropractic(ctx: PatientContext, policy: Policy, today: date) -> Pa
             status = ChiroStatus(True, "chiro_onset_unknown", messages["chiro_label_onset_unknown"])
         else:
             status = ChiroStatus(False, "chiro_too_late")
-    return PatientChiro(kinds, radiculopathy, status, by_reference)
+    return PatientChiro(radiculopathy, status, by_reference)
 
 
 def chiropractic_status(ctx: PatientContext, policy: Policy, today: date,
                         order: dict[str, Any] | None = None) -> ChiroStatus:
     """May chiropractic manipulation be offered instead of this sacroplasty order? (For many orders of one call,
     compute `patient_chiropractic` once and call its `for_order`.)"""
-    return patient_chiropractic(ctx, policy, today).for_order(order, policy)
+    kinds = patient_contraindications(ctx, policy).for_order(order) if isinstance(order, dict) \
+        else patient_contraindications(ctx, policy).kinds
+    return patient_chiropractic(ctx, policy, today).for_order(order, policy, kinds)

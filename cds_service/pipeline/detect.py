@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
-from .policy import Policy
+from cds_service.pipeline.policy import Policy
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from flask import Blueprint, Response, current_app, render_template
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
-from .errors import ApiError
-from .policy import Policy
+from cds_service.errors import ApiError
+from cds_service.pipeline.policy import Policy
 
 bp = Blueprint("policy_page", __name__)
 
@@ -46,8 +46,7 @@ def _render(policy: Policy) -> str:
 
 @bp.get("/policies/<policy_id>")
 def policy_page(policy_id: str) -> Response:
-    engine = current_app.extensions["cds_engine"]
-    policy = next((p for p in engine.policies if p.id == policy_id), None)
+    policy = current_app.extensions["cds_evaluator"].policy(policy_id)
     if policy is None:
         raise ApiError(404, "not_found", f"no policy with id {policy_id!r}")
     response = Response(_render(policy), mimetype="text/html")

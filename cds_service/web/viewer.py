@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, render_template, send_from_directory
 
-from .config import Settings
-from .errors import ApiError
+from cds_service.config import Settings
+from cds_service.errors import ApiError
 
 bp = Blueprint("viewer", __name__)
 
@@ -79,16 +79,16 @@ def _secure(response: Response, csp: str) -> Response:
 @bp.get("/")
 def index() -> Response:
     settings = _settings()
-    engine = current_app.extensions["cds_engine"]
-    services = list(engine.services.values())
+    evaluator = current_app.extensions["cds_evaluator"]
+    services = list(evaluator.services.values())
     if not settings.dev:
-        page = render_template("index.html", policy=engine.policy, services=services,
+        page = render_template("index.html", policies=evaluator.policies, services=services,
                                base=settings.public_url or "")
         return _secure(Response(page, mimetype="text/html"), PLAIN_CSP)
     fixtures = list_fixtures(settings.fixtures_dir)
     names = {f.name for f in fixtures}
     default = DEFAULT_FIXTURE if DEFAULT_FIXTURE in names else (fixtures[0].name if fixtures else "")
-    page = render_template("viewer.html", policy=engine.policy, services=services, fixtures=fixtures,
+    page = render_template("viewer.html", policies=evaluator.policies, services=services, fixtures=fixtures,
                            default_fixture=default)
     return _secure(Response(page, mimetype="text/html"), VIEWER_CSP)
 

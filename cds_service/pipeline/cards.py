@@ -14,11 +14,11 @@ from typing import Any, Iterator
 
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from . import limits
-from .decide import Decision
-from .eligibility import ValueSet
-from .hooks import HookRequest
-from .policy import Alternative, Policy
+from cds_service.pipeline import limits
+from cds_service.pipeline.decide import Decision
+from cds_service.pipeline.eligibility import ValueSet
+from cds_service.pipeline.hooks import HookRequest
+from cds_service.pipeline.policy import Alternative, Policy
 
 CARD_EXTENSION_POLICY = "cds-sacroplasty.policy"
 CRD_ASSOCIATED_RESOURCE = "davinci-crd.associated-resource"
@@ -41,6 +41,7 @@ class IssuedCard:
     card: dict[str, Any]
     suggestions: dict[str, str]  # suggestion uuid → alternative id
     decision: Decision
+    policy: Policy  # the pack whose card it is
 
 
 def _as_list(value: Any) -> list[dict[str, Any]]:
@@ -70,6 +71,8 @@ class CardBuilder:
             list="; ".join(a.card_text for a in policy.also_covered))
         self._listed = Template(card["alternatives_listed"])
         self._note = card["note_on_created_order"]
+        self._delete = Template(card["delete_description"])
+        self._create = Template(card["create_description"])
         self._reason_sets = {name: ValueSet(policy.conditions[name])
                              for a in policy.alternatives for name in a.reasons_that_fit}
 
@@ -78,9 +81,8 @@ class CardBuilder:
         """The card for one decision. `base_url`: this service's public URL, for the policy page link."""
         policy = self.policy
         order = decision.order
-        recorded = decision.chiropractic.contraindications
-        offered = [a for a in policy.alternatives if not recorded.intersection(a.withheld_when)
-                   and (a.conditional != "chiropractic" or decision.chiropractic.offer)]
+        offered = [a for a in policy.alternatives if not decision.contraindications.intersection(a.withheld_when)
+                   and (a.rule is None or decision.rules[a.rule].offer)]
         suggestions, suggestion_ids = [], {}
         ids = new_ids(1 + 2 * len(offered))  # the card's, and per suggestion its own and its new order's
         # CRD Propose Alternate Request: each suggestion deletes the draft and creates the alternative, so
@@ -106,12 +108,13 @@ class CardBuilder:
             card["suggestions"] = suggestions
         else:
             del card["selectionBehavior"]
-        return IssuedCard(card, suggestion_ids, decision)
+        return IssuedCard(card, suggestion_ids, decision, policy)
 
     def _detail(self, decision: Decision, offered: list[Alternative], buttons: bool, base_url: str) -> str:
         policy = self.policy
         messages = policy.messages
-        notes = [messages[key] for key in (decision.plan.note, decision.chiropractic.note) if key]
+        keys = [decision.plan.note, *(status.note for status in decision.rules.values())]
+        notes = [messages[key] for key in keys if key]
         return policy.detail_template.substitute(
             order=_markdown_text(_order_name(decision.order)),
             number=policy.number,
@@ -128,20 +131,19 @@ class CardBuilder:
                     ids: Iterator[str]) -> dict[str, Any]:
         order = decision.order
         label = alternative.label
-        if alternative.conditional == "chiropractic":
-            label += decision.chiropractic.label_suffix
+        if alternative.rule is not None:
+            label += decision.rules[alternative.rule].label_suffix
         actions: list[dict[str, Any]] = []
         reference = _order_reference(order)
         if reference:
             actions.append({
                 "type": "delete",
-                "description": f"Remove the sacroplasty order ({_order_name(order)}), not covered under policy "
-                               f"{self.policy.number}.",
+                "description": self._delete.substitute(order=_order_name(order), number=self.policy.number),
                 "resourceId": reference,
             })
         actions.append({
             "type": "create",
-            "description": f"Add a draft order: {alternative.text}.",
+            "description": self._create.substitute(text=alternative.text),
             "resource": self.replacement_order(alternative, base, next(ids), self._fitting_reasons(alternative, order)),
         })
         return {"label": label, "uuid": next(ids), "actions": actions}

@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from .conformance import Conformance, check_response
-from .safetext import printable
-from .signing import (
+from cds_service.tools.conformance import Conformance, check_response
+from cds_service.safetext import printable
+from cds_service.tools.signing import (
     ALGORITHMS, UsageError, algorithm_for, generate_key, load_private_key, make_token, public_jwk, read_file,
 )
 

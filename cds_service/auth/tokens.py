@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 import jwt
 import requests
 
-from .config import ConfigError, Settings
-from .errors import ApiError
-from .store import Store, StoreUnavailable
+from cds_service.config import ConfigError, Settings
+from cds_service.errors import ApiError
+from cds_service.storage.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

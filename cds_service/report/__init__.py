@@ -1,0 +1,1 @@
+"""The payer's report: figures from the database, rendered as a table, CSV, JSON or an HTML page."""

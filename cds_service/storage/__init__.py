@@ -1,0 +1,1 @@
+"""What is kept: the schema, the store, the per-worker writer, and the feedback it receives."""
