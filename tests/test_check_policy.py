@@ -96,7 +96,8 @@ def test_a_policy_edit_that_breaks_an_example_is_caught(cards: Path, capsys: pyt
     ("examples.json", lambda d: d["cases"][0]["expected"].update(offered=["chiropractic"]),
      "examples.json: cases[0].expected.offered: 'chiropractic' is no orderable alternative"),
     ("examples.json", lambda d: d["cases"][1].update(hook="order-dispatch"), "examples.json: cases[1].hook: "),
-    ("examples.json", lambda d: d["cases"][2]["expected"].pop("card"), "examples.json: cases[2].expected.card: missing"),
+    ("examples.json", lambda d: d["cases"][2]["expected"].pop("card"),
+     "examples.json: cases[2].expected.card: missing"),
     ("examples.json", lambda d: d["cases"][3].update(expect={}), "examples.json: cases[3].expect: unknown key"),
 ])
 def test_a_malformed_pack_or_table_exits_2_naming_file_and_field(cards: Path, capsys: pytest.CaptureFixture[str],

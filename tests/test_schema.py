@@ -66,7 +66,8 @@ BROKEN: dict[str, tuple[str, Callable[[Any], None], list[str]]] = {
     "wrong type": ("conditions.json", lambda d: d.update(onset_window_days="28"),
                    ["conditions.json: onset_window_days: "]),
     "unknown placeholder in a card text": ("policy.json", lambda d: d["card"].update(
-        create_description="Add a draft order: $txt."), ["policy.json: card.create_description: unknown placeholder $txt"]),
+        create_description="Add a draft order: $txt."),
+        ["policy.json: card.create_description: unknown placeholder $txt"]),
     "placeholder in a verbatim text": ("policy.json", lambda d: d["messages"].update(
         plan_member="The patient is covered by $payer."), ["policy.json: messages.plan_member: $payer"]),
     "unknown rule": ("alternatives.json", lambda d: d["orderable"][1].update(rule="chiropractic-4-weeks"),
@@ -102,7 +103,8 @@ BROKEN: dict[str, tuple[str, Callable[[Any], None], list[str]]] = {
     "empty detection word": ("detection.json", lambda d: d["text"]["rules"][1]["words"].append("~"),
                              ["detection.json: text.rules[1].words[1]: "]),
     "quote not in the policy text": ("sources.json", lambda d: d["entries"][0]["quotes"].append(
-        "Sacroplasty is covered for oncology patients."), ["sources.json: entries[0].quotes[1]: not in policy-text.txt"]),
+        "Sacroplasty is covered for oncology patients."),
+        ["sources.json: entries[0].quotes[1]: not in policy-text.txt"]),
 }
 
 

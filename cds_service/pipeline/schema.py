@@ -17,9 +17,8 @@ from pathlib import Path
 from string import Template
 from typing import Annotated, Any, Iterable, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
-                      model_validator)
-
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
+                      ValidationError, model_validator)
 
 
 class PolicyError(Exception):
@@ -60,7 +59,6 @@ RULE_MESSAGES: dict[str, frozenset[str]] = {
         "chiro_offered", "chiro_radiculopathy", "chiro_too_late", "chiro_unknown", "chiro_label_unknown",
         "chiro_no_problem", "chiro_onset_unknown", "chiro_label_onset_unknown", "chiro_contraindicated_{kind}"}),
 }
-TEXT_RULE_KINDS = ("text", "vertebral-augmentation-site")  # detection.json text.rules[].rule (pipeline/detect.py)
 HOOKS = ("order-select", "order-sign")
 
 _PLACEHOLDER = re.compile(r"\$(?:([_a-z][_a-z0-9]*)|\{([_a-z][_a-z0-9]*)\})", re.IGNORECASE)
