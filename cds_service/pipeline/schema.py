@@ -304,8 +304,7 @@ class ConditionsFile(BaseModel):
     onset_window_days: Annotated[StrictInt, Field(ge=1, le=3650)]
     radiculopathy: list[Coding]
     low_back_pain: list[Coding]
-    contraindications: Annotated[dict[str, Contraindication], BeforeValidator(_drop_comments),
-                                 Field(min_length=1)]
+    contraindications: Annotated[dict[str, Contraindication], BeforeValidator(_drop_comments)]
     system_aliases: Annotated[dict[CodeSystem, CodeSystem], BeforeValidator(_drop_comments)] = {}
 
     @model_validator(mode="before")
