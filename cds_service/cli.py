@@ -1,4 +1,4 @@
-"""`cds-service` command line: serve, evaluate, report, call, keys."""
+"""`cds-service` command line: serve, evaluate, check-policy, report, call, keys."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
+    from cds_service.pipeline.policy import PolicyError, load_catalogue
+
+    try:  # before any worker starts: a malformed pack stops the service with one line naming file and field
+        load_catalogue(settings.cards_dir)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
     WaitressWorker.max_body_bytes = settings.max_body_bytes
     WaitressWorker.request_read_seconds = settings.request_read_seconds
 
@@ -84,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from cds_service.errors import ApiError
     from cds_service.pipeline.evaluate import Evaluator
-    from cds_service.pipeline.policy import load_catalogue
+    from cds_service.pipeline.policy import PolicyError, load_catalogue
 
     try:
         with open(args.file, "rb") as handle:
@@ -93,7 +101,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
     settings = Settings.from_env()
-    evaluator = Evaluator(load_catalogue(settings.cards_dir), settings.max_draft_orders, settings.public_url)
+    try:
+        evaluator = Evaluator(load_catalogue(settings.cards_dir), settings.max_draft_orders, settings.public_url)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     hook = body.get("hook") if isinstance(body, dict) else None
     service = next((s for s in evaluator.services.values() if s.hook == hook), None)
     if service is None:
@@ -108,6 +120,158 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(response, indent=2))
     return 0
+
+
+# --- check-policy -------------------------------------------------------------------------------------------------
+
+EXAMPLE_PATIENT = "example-patient"
+
+
+def _example_request(case: Any, number: int) -> dict[str, Any]:
+    """The hook request of one example: its orders as draft ServiceRequests (ids, status, subject filled in when
+    the example leaves them out), its prefetch lists wrapped in Bundles."""
+    import uuid
+
+    orders = [{"resourceType": "ServiceRequest", "id": f"example-order-{i}", "status": "draft", "intent": "order",
+               "subject": {"reference": f"Patient/{EXAMPLE_PATIENT}"}, **order}
+              for i, order in enumerate(case.orders, start=1)]
+    context: dict[str, Any] = {
+        "userId": "Practitioner/example-clinician",
+        "patientId": EXAMPLE_PATIENT,
+        "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": o} for o in orders]},
+    }
+    if case.hook == "order-select":
+        context["selections"] = [f"ServiceRequest/{o['id']}" for o in orders]
+    body: dict[str, Any] = {"hookInstance": str(uuid.uuid5(uuid.NAMESPACE_URL, f"example-{number}")),
+                            "hook": case.hook, "context": context}
+    if case.prefetch is not None:
+        body["prefetch"] = {key: {"resourceType": "Bundle", "type": "searchset",
+                                  "entry": [{"resource": r} for r in value]} if isinstance(value, list) else value
+                            for key, value in case.prefetch.items()}
+    return body
+
+
+def _judge(case: Any, cards: list[Any]) -> str | None:
+    """What differs between the example's expected answer and the cards of its pack; None when nothing."""
+    expected = case.expected
+    if not expected.card:
+        return f"expected no card, got {len(cards)}" if cards else None
+    if not cards:
+        return "expected a card, got none"
+    match = cards[0].decision.match
+    if expected.rule is not None and expected.rule not in (match.rule, match.evidence):
+        return f"expected rule {expected.rule!r}, got {match.rule!r} ({match.evidence})"
+    offered = sorted({alternative for card in cards for alternative in card.suggestions.values()})
+    if expected.offered is not None and sorted(set(expected.offered)) != offered:
+        return f"expected offered {sorted(set(expected.offered))}, got {offered}"
+    wrongly = sorted(set(expected.not_offered) & set(offered))
+    if wrongly:
+        return f"offered {wrongly}, expected not"
+    return None
+
+
+def _run_examples(folder: Any, policy: Any, services: tuple[Any, ...], crd_config: dict[str, Any]) \
+        -> tuple[int, int]:
+    """Run `folder`/examples.json through the Evaluator with this pack alone; print one line per case.
+    Returns (passed, failed); raises PolicyError for a malformed table."""
+    from datetime import datetime, time, timezone
+
+    from cds_service.errors import ApiError
+    from cds_service.pipeline import schema
+    from cds_service.pipeline.evaluate import Evaluator
+    from cds_service.pipeline.policy import Catalogue, PolicyError
+
+    path = folder / "examples.json"
+    if not path.is_file():
+        print(f"  no examples.json: {policy.id} is validated, but no example proves what it answers")
+        return 0, 0
+    table = schema.parse(schema.ExamplesFile, path)
+    known = {a.id for a in policy.alternatives}
+    problems = [f"{path}: cases[{i}].expected.{key}: {name!r} is no orderable alternative of alternatives.json"
+                for i, case in enumerate(table.cases) for key in ("offered", "not_offered")
+                for name in getattr(case.expected, key) or () if name not in known]
+    if problems:
+        raise PolicyError.of(problems)
+    evaluator = Evaluator(Catalogue(services, crd_config, (policy,)), max_draft_orders=100)
+    by_hook = {s.hook: s for s in evaluator.services.values()}
+    passed = failed = 0
+    for number, case in enumerate(table.cases, start=1):
+        today = datetime.strptime(case.today or table.today, "%Y-%m-%d").date()
+        now = datetime.combine(today, time(12), timezone.utc)
+        try:
+            evaluation = evaluator.evaluate(by_hook[case.hook], _example_request(case, number), now=now)
+            problem = _judge(case, [c for c in evaluation.issued if c.policy is policy])
+        except ApiError as exc:
+            problem = f"the request was refused: {exc.message}"
+        if problem is None:
+            passed += 1
+            print(f"  PASS  {case.name} — {case.why}")
+        else:
+            failed += 1
+            print(f"  FAIL  {case.name}: {problem} — {case.why}")
+    return passed, failed
+
+
+def _check_policy(args: argparse.Namespace) -> int:
+    """Validate one pack or every pack of a cards/ folder, then run each pack's example table."""
+    from pathlib import Path
+
+    from cds_service.pipeline import schema
+    from cds_service.pipeline.policy import PolicyError, ServiceConfig, load_policy
+
+    root = Path(args.dir) if args.dir else Settings.from_env().cards_dir
+    if (root / "policy.json").is_file():
+        folders, services_file = [root], None
+    elif root.is_dir():
+        folders, services_file = sorted(p.parent for p in root.glob("*/policy.json")), root / "services.json"
+    else:
+        print(f"error: {root}: no such folder", file=sys.stderr)
+        return 2
+    if not folders:
+        print(f"error: {root}: no policy pack (a folder holding a policy.json)", file=sys.stderr)
+        return 2
+    malformed = bad_packs = passed = failed = 0
+    services: tuple[ServiceConfig, ...] = tuple(ServiceConfig(h, f"check-{h}", h, h) for h in schema.HOOKS)
+    crd_config: dict[str, Any] = {"versions": ["2.2"], "options": []}
+    if services_file is not None:
+        try:
+            meta = schema.validate_services(services_file) if services_file.is_file() else None
+            if meta is None:
+                raise PolicyError(f"{services_file}: missing file (it names the CDS services)")
+            services = tuple(ServiceConfig(s.hook, s.id, s.title, s.description) for s in meta.services)
+            crd_config = {"versions": list(meta.crd.versions), "options": [o.model_dump() for o in meta.crd.options]}
+            print(f"{services_file}: valid")
+        except PolicyError as exc:
+            malformed += 1
+            for problem in exc.problems:
+                print(f"MALFORMED  {problem}")
+    ids: dict[str, Path] = {}
+    for folder in folders:
+        try:
+            policy = load_policy(folder)
+        except PolicyError as exc:
+            malformed, bad_packs = malformed + 1, bad_packs + 1
+            for problem in exc.problems:
+                print(f"MALFORMED  {problem}")
+            continue
+        if policy.id in ids:
+            malformed, bad_packs = malformed + 1, bad_packs + 1
+            print(f"MALFORMED  {folder / 'policy.json'}: id: {policy.id!r} is also the id of {ids[policy.id]}")
+            continue
+        ids[policy.id] = folder
+        print(f"{folder}: {policy.label} version {policy.version} is valid")
+        try:
+            ok, bad = _run_examples(folder, policy, services, crd_config)
+        except PolicyError as exc:
+            malformed, bad_packs = malformed + 1, bad_packs + 1
+            for problem in exc.problems:
+                print(f"MALFORMED  {problem}")
+            continue
+        passed, failed = passed + ok, failed + bad
+    print(f"summary: {len(folders) - bad_packs} of {len(folders)} pack(s) valid"
+          f"{'' if services_file is None or malformed == bad_packs else ', services.json malformed'}; "
+          f"examples: {passed} passed, {failed} failed")
+    return 2 if malformed else 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="print the response the service would give to a hook request")
     evaluate.add_argument("file")
     evaluate.set_defaults(func=_evaluate)
+
+    check = commands.add_parser(
+        "check-policy", help="validate policy packs and run their example tables (exit 0 good, 1 an example "
+                             "failed, 2 a pack is malformed)")
+    check.add_argument("dir", nargs="?", default=None,
+                       help="a pack folder or a cards/ folder (default: the configured cards folder, CDS_CARDS_DIR)")
+    check.set_defaults(func=_check_policy)
 
     report.configure_parser(commands.add_parser("report", help="how clinicians answered the cards"))
     client.configure_call_parser(commands.add_parser("call", help="fire a hook request at a CDS service"))

@@ -3,18 +3,19 @@ cards/services.json names the CDS services that judge orders against all of them
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from string import Template
 from typing import Any
 
+from cds_service.pipeline import schema
+from cds_service.pipeline.schema import PolicyError
+
+__all__ = ["Alternative", "AlsoCovered", "Catalogue", "Policy", "PolicyError", "ServiceConfig", "load_catalogue",
+           "load_policies", "load_policy"]
+
 POLICY_FILES = ("policy.json", "detection.json", "alternatives.json", "conditions.json", "detail.md", "page.md")
-
-
-class PolicyError(Exception):
-    """The cards/ data is missing or malformed: the service must not start with it."""
 
 
 @dataclass(frozen=True)
@@ -106,77 +107,77 @@ class Catalogue:
     packs: tuple[Policy, ...]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PolicyError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise PolicyError(f"{path}: expected a JSON object")
-    return data
-
-
 def load_policy(folder: Path) -> Policy:
-    """Read one policy folder (policy.json, detection.json, alternatives.json, conditions.json, detail.md)."""
+    """Read and validate one pack folder (policy.json, detection.json, alternatives.json, conditions.json,
+    detail.md, page.md; sources.json when present) against the schema (pipeline/schema.py), once.
+    Raises PolicyError naming the file, the field and what is wrong."""
+    folder = Path(folder)
     missing = [name for name in POLICY_FILES if not (folder / name).is_file()]
     if missing:
-        raise PolicyError(f"{folder}: missing {', '.join(missing)}")
-    meta = _read_json(folder / "policy.json")
-    alternatives = _read_json(folder / "alternatives.json")
+        raise PolicyError.of([f"{folder / name}: missing file (every pack has {', '.join(POLICY_FILES)})"
+                              for name in missing])
+    raw: dict[str, Any] = {}
+    parsed: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, model in (("policy.json", schema.PolicyFile), ("detection.json", schema.DetectionFile),
+                        ("alternatives.json", schema.AlternativesFile), ("conditions.json", schema.ConditionsFile)):
+        try:  # every file checked, so that one run names every problem
+            raw[name] = schema.read_json(folder / name)
+            parsed[name] = schema.parse(model, folder / name, raw[name])
+        except PolicyError as exc:
+            problems += exc.problems
     try:
-        policy = Policy(
-            id=meta["id"],
-            number=meta["number"],
-            title=meta["title"],
-            version=meta["version"],
-            revision_date=meta["revision_date"],
-            effective_date=meta["effective_date"],
-            ruling=meta["ruling"],
-            payer=meta["payer"],
-            source=meta["source"],
-            card=meta["card"],
-            messages=meta["messages"],
-            crd=meta["crd"],
-            override_reasons=tuple(meta["override_reasons"]),
-            detection=_read_json(folder / "detection.json"),
-            conditions=_read_json(folder / "conditions.json"),
-            alternatives=tuple(
-                Alternative(
-                    id=a["id"],
-                    label=a["label"],
-                    policy_text=a["policy_text"],
-                    card_text=a["card_text"],
-                    text=a["text"],
-                    codings=tuple(a["codings"]),
-                    rule=a.get("rule"),
-                    reasons_that_fit=tuple(a["reasons_that_fit"]),
-                    withheld_when=tuple(a["withheld_when"]),
-                )
-                for a in alternatives["orderable"]
-            ),
-            also_covered=tuple(
-                AlsoCovered(id=a["id"], policy_text=a["policy_text"], card_text=a["card_text"])
-                for a in alternatives["also_covered"]
-            ),
-            history=tuple(meta["history"]),
-            detail_template=Template((folder / "detail.md").read_text(encoding="utf-8")),
-            page_template=Template((folder / "page.md").read_text(encoding="utf-8")),
-        )
-    except (KeyError, TypeError) as exc:
-        raise PolicyError(f"{folder}: malformed policy data ({exc!r})") from exc
-    from cds_service.pipeline.rules import RULES  # the registry imports this module
-
-    unknown_rules = {a.rule for a in policy.alternatives if a.rule} - set(RULES)
-    if unknown_rules:
-        raise PolicyError(f"{folder / 'alternatives.json'}: orderable[].rule: unknown rule "
-                          f"{', '.join(sorted(unknown_rules))} (known: {', '.join(sorted(RULES))})")
-    unknown = {name for a in policy.alternatives for name in a.reasons_that_fit} - set(policy.conditions)
-    unknown |= {kind for a in policy.alternatives for kind in a.withheld_when} \
-        - set(policy.conditions.get("contraindications", {}))
-    if unknown:
-        raise PolicyError(f"{folder / 'alternatives.json'}: reasons_that_fit / withheld_when name no value "
-                          f"set or contraindication of conditions.json: {', '.join(sorted(unknown))}")
-    return policy
+        detail = (folder / "detail.md").read_text(encoding="utf-8")
+        page = (folder / "page.md").read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        problems.append(f"{folder}: cannot read detail.md / page.md: {exc}")
+    if problems:
+        raise PolicyError.of(problems)
+    meta: schema.PolicyFile = parsed["policy.json"]
+    detection: schema.DetectionFile = parsed["detection.json"]
+    alternatives: schema.AlternativesFile = parsed["alternatives.json"]
+    conditions: schema.ConditionsFile = parsed["conditions.json"]
+    problems = schema.check_pack(folder, meta, detection, alternatives, conditions, detail, page)
+    problems += schema.check_sources(folder)
+    if problems:
+        raise PolicyError.of(problems)
+    data = raw["policy.json"]  # the code reads these as mappings; comments ("_...") are left in, as before
+    return Policy(
+        id=meta.id,
+        number=meta.number,
+        title=meta.title,
+        version=meta.version,
+        revision_date=meta.revision_date,
+        effective_date=meta.effective_date,
+        ruling=meta.ruling,
+        payer=data["payer"],
+        source=data["source"],
+        card=data["card"],
+        messages=dict(meta.messages),
+        crd=data["crd"],
+        override_reasons=tuple(data["override_reasons"]),
+        detection=raw["detection.json"],
+        conditions=raw["conditions.json"],
+        alternatives=tuple(
+            Alternative(
+                id=a.id,
+                label=a.label,
+                policy_text=a.policy_text,
+                card_text=a.card_text,
+                text=a.text,
+                codings=tuple(c.model_dump(exclude_none=True) for c in a.codings),
+                rule=a.rule,
+                reasons_that_fit=tuple(a.reasons_that_fit),
+                withheld_when=tuple(a.withheld_when),
+            )
+            for a in alternatives.orderable
+        ),
+        also_covered=tuple(AlsoCovered(id=a.id, policy_text=a.policy_text, card_text=a.card_text)
+                           for a in alternatives.also_covered),
+        history=tuple(meta.history),
+        detail_template=Template(detail),
+        page_template=Template(page),
+    )
 
 
 @lru_cache(maxsize=8)
@@ -184,7 +185,7 @@ def load_policies(cards_dir: Path) -> tuple[Policy, ...]:
     """Every pack under cards/ (each folder holding a policy.json), loaded once per process."""
     folders = sorted(p.parent for p in Path(cards_dir).glob("*/policy.json"))
     if not folders:
-        raise PolicyError(f"no policy found under {cards_dir}")
+        raise PolicyError(f"{cards_dir}: no policy pack (a folder holding a policy.json)")
     policies = tuple(load_policy(folder) for folder in folders)
     ids = [p.id for p in policies]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -196,11 +197,11 @@ def load_policies(cards_dir: Path) -> tuple[Policy, ...]:
 @lru_cache(maxsize=8)
 def load_catalogue(cards_dir: Path) -> Catalogue:
     """cards/services.json and every pack under cards_dir."""
-    meta = _read_json(Path(cards_dir) / "services.json")
+    path = Path(cards_dir) / "services.json"
+    if not path.is_file():
+        raise PolicyError(f"{path}: missing file (it names the CDS services)")
+    meta = schema.validate_services(path)
     packs = load_policies(Path(cards_dir))
-    try:
-        services = tuple(ServiceConfig(s["hook"], s["id"], s["title"], s["description"]) for s in meta["services"])
-        crd = {"versions": list(meta["crd"]["versions"]), "options": list(meta["crd"]["options"])}
-    except (KeyError, TypeError) as exc:
-        raise PolicyError(f"{Path(cards_dir) / 'services.json'}: malformed ({exc!r})") from exc
+    services = tuple(ServiceConfig(s.hook, s.id, s.title, s.description) for s in meta.services)
+    crd = {"versions": list(meta.crd.versions), "options": [o.model_dump() for o in meta.crd.options]}
     return Catalogue(services, crd, packs)
