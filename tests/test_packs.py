@@ -147,3 +147,13 @@ def test_each_pack_has_its_policy_page(two_packs: Path, tmp_path: Path) -> None:
     client = app_for(two_packs, tmp_path).test_client()
     assert "Synthetic test pack TEST.0001" in client.get(f"/policies/{SYNTHETIC_ID}").get_data(as_text=True)
     assert client.get(f"/policies/{CCP}").status_code == 200
+
+
+def test_check_policy_proves_the_synthetic_pack_with_its_own_examples() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cds_service.cli", "check-policy", str(SYNTHETIC)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "examples: 2 passed, 0 failed" in done.stdout
