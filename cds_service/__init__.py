@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from flask import Flask
 
 
-def create_app(config: Any = None) -> "Flask":
+def create_app(config: Any = None) -> Flask:
     """The application factory (cds_service/web/app.py), importable as `cds_service.create_app`."""
     from cds_service.web.app import create_app as factory
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -54,7 +55,7 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         defaults = cls()
         cors = env.get("CDS_CORS_ORIGINS", "*").strip()
@@ -97,5 +98,5 @@ class Settings:
             return f"CDS_PUBLIC_URL must be an http(s) URL such as https://cds.example.org, not {self.public_url!r}"
         return None
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)

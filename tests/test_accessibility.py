@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
-
-from axe_helper import (assert_accessible, assert_url_accessible, axe_source, describe, inject_axe,
-                         open_all_details, open_page, pinned_version, run_axe, serious)
-from cds_service import cli
-from cds_service.storage.store import Store
+from axe_helper import (
+    assert_accessible,
+    assert_url_accessible,
+    axe_source,
+    describe,
+    inject_axe,
+    open_all_details,
+    open_page,
+    pinned_version,
+    run_axe,
+    serious,
+)
 from conftest import ROOT
 from test_report import seed
-from test_viewer import SERVICES, SACRO, Page, browser  # noqa: F401 - browser is a fixture
+from test_viewer import SACRO, SERVICES, Page, browser  # noqa: F401 - browser is a fixture
+
+from cds_service import cli
+from cds_service.storage.store import Store
 
 POLICY = json.loads((ROOT / "cards/ccp1247-sacroplasty/policy.json").read_text(encoding="utf-8"))
 

@@ -6,11 +6,11 @@ import copy
 import json
 
 import pytest
+from conftest import load_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cds_service.web.api import _too_deep
-from conftest import load_fixture
 
 # fixture → the draft orders that must get a card (in order); every other fixture order gets none
 EXPECTED = {

@@ -9,16 +9,16 @@ import re
 from datetime import datetime, timezone
 
 import pytest
+from conftest import load_fixture
+from test_api import EXPECTED, post
 
-from cds_service.pipeline.cards import MAX_ORDER_NAME, CardBuilder
 from cds_service.config import Settings
+from cds_service.pipeline.cards import MAX_ORDER_NAME, CardBuilder
 from cds_service.pipeline.decide import Decision
 from cds_service.pipeline.detect import Detector, Match
 from cds_service.pipeline.eligibility import ChiroStatus, PlanStatus
 from cds_service.pipeline.hooks import parse_hook_request
 from cds_service.pipeline.policy import load_policies
-from conftest import load_fixture
-from test_api import EXPECTED, post
 
 POLICY = load_policies(Settings().cards_dir)[0]
 CARD_FIXTURES = sorted(name for name, orders in EXPECTED.items() if orders)

@@ -6,12 +6,12 @@ import copy
 import uuid
 
 import pytest
+from conftest import load_fixture
 from fhir.resources.R4B.servicerequest import ServiceRequest
+from test_api import EXPECTED, SERVICE, post
 
 from cds_service.config import Settings
 from cds_service.pipeline.policy import load_policies
-from conftest import load_fixture
-from test_api import EXPECTED, SERVICE, post
 
 POLICY = load_policies(Settings().cards_dir)[0]
 CARD_FIXTURES = sorted(name for name, orders in EXPECTED.items() if orders)

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import requests
-
 from conftest import FIXTURES, load_fixture
 from test_api import SERVICE, flagged_orders
 

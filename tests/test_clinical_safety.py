@@ -19,7 +19,7 @@ def hazards(text: str) -> dict[str, str]:
     """Hazard id → its section of the log."""
     starts = [(m.group(1), m.start()) for m in HAZARD.finditer(text)]
     ends = [start for _, start in starts[1:]] + [len(text)]
-    return {hazard: text[start:end] for (hazard, start), end in zip(starts, ends)}
+    return {hazard: text[start:end] for (hazard, start), end in zip(starts, ends, strict=True)}
 
 
 def defined_tests(path: Path) -> set[str]:

@@ -8,17 +8,18 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from cds_service.pipeline import cards
-from cds_service.pipeline import limits
-from cds_service.config import Settings
-from cds_service.pipeline.policy import load_policies
 from conftest import load_fixture
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cds_service.config import Settings
+from cds_service.pipeline import cards, limits
+from cds_service.pipeline.policy import load_policies
 
 POLICY = load_policies(Settings().cards_dir)[0]
 SERVICE = {"order-select": "sacroplasty-order-select", "order-sign": "sacroplasty-order-sign"}
@@ -408,9 +409,10 @@ def _grown(array: str, added: int, hook: str) -> dict[str, Any]:
 @given(array=st.sampled_from(sorted(GROWABLE)), share=st.sampled_from([4, 8]),
        hook=st.sampled_from(["order-select", "order-sign"]))
 def test_answer_and_work_grow_at_most_linearly(client, monkeypatch, array: str, share: int, hook: str) -> None:
-    """Adding n, 2n and 4n elements to one array (4n up to its cap): the answer's bytes and the Python lines run grow by at most
-    twice as much from 2n to 4n as from n to 2n (so not faster than linearly; lines are counted exactly, and
-    the same call always runs the same lines), and the answer grows by a small multiple of what was added."""
+    """Adding n, 2n and 4n elements to one array (4n up to its cap): the answer's bytes and the Python lines run
+    grow by at most twice as much from 2n to 4n as from n to 2n (so not faster than linearly; lines are counted
+    exactly, and the same call always runs the same lines), and the answer grows by a small multiple of what was
+    added."""
     monkeypatch.setattr(limits, "SHORTCUTS", False)  # the exact walk every time: the worst case, no jump
     step = max(1, GROWABLE[array][2] // share)  # the most the caps allow (4 steps), or half of it: the
     # bigger the step, the plainer any super-linear growth
@@ -418,7 +420,7 @@ def test_answer_and_work_grow_at_most_linearly(client, monkeypatch, array: str, 
     for added in (step, 2 * step, 4 * step):
         body = _grown(array, added, hook)
         post(client, body)  # warm: first calls fill caches (compiled models, lru caches) once per process
-        response, lines = _traced_lines(lambda: post(client, body))
+        response, lines = _traced_lines(lambda body=body: post(client, body))
         assert response.status_code == 200, (array, added, response.get_data(as_text=True)[:300])
         sizes.append(len(response.data))
         work.append(lines)
@@ -462,7 +464,7 @@ def test_payors_and_contained_growing_together_cost_linear_work(client, monkeypa
     for count in (step, 2 * step, 4 * step):
         body = _payors_and_contained(count)
         post(client, body)
-        response, lines = _traced_lines(lambda: post(client, body))
+        response, lines = _traced_lines(lambda body=body: post(client, body))
         assert response.status_code == 200
         work.append(lines)
     assert work[2] - work[1] <= 2.2 * (work[1] - work[0]) + 200, work

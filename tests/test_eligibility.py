@@ -8,17 +8,25 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from conftest import load_fixture
+from test_api import post
 
 from cds_service.config import Settings
 from cds_service.pipeline.decide import Finding, decide
-from cds_service.pipeline.eligibility import (PayerMatcher, ValueSet, chiropractic_status, date_range, is_active,
-                                     onset_window, patient_chiropractic, plan_status)
-from cds_service.pipeline.patient import PatientContext, from_prefetch
+from cds_service.pipeline.eligibility import (
+    PayerMatcher,
+    ValueSet,
+    chiropractic_status,
+    date_range,
+    is_active,
+    onset_window,
+    patient_chiropractic,
+    plan_status,
+)
 from cds_service.pipeline.hooks import parse_hook_request
-from cds_service.web.policy_page import page_markdown
+from cds_service.pipeline.patient import PatientContext, from_prefetch
 from cds_service.pipeline.policy import load_policies
-from conftest import load_fixture
-from test_api import post
+from cds_service.web.policy_page import page_markdown
 
 POLICY = load_policies(Settings().cards_dir)[0]
 MESSAGES = POLICY.messages
@@ -383,7 +391,8 @@ def test_every_kind_is_tested_and_has_its_message() -> None:
     for kind, value in KINDS.items():
         message = MESSAGES[f"chiro_contraindicated_{kind}"]
         withholds_all = all(kind in a.withheld_when for a in POLICY.alternatives)
-        opening = "No alternative is offered as one click" if withholds_all else "Chiropractic manipulation is not offered"
+        opening = ("No alternative is offered as one click" if withholds_all
+                   else "Chiropractic manipulation is not offered")
         assert value["name"] in message and message.startswith(opening), kind
     assert {k for k in MESSAGES if k.startswith("chiro_contraindicated_")} == \
         {f"chiro_contraindicated_{kind}" for kind in KINDS}

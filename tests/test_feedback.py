@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import free_port, load_fixture
 from sqlalchemy import create_engine, select
+from test_store import NO_POSTGRES, POSTGRES_ENV, count, postgres_schema_url
 
 from cds_service import create_app
 from cds_service.config import Settings
 from cds_service.storage.feedback import parse_timestamp
 from cds_service.storage.store import as_utc, cards_issued, feedback
-from conftest import free_port, load_fixture
-from test_store import NO_POSTGRES, POSTGRES_ENV, count, postgres_schema_url
 
 HOOK = "order-select-sacroplasty-cpt.json"
 SERVICE = "sacroplasty-order-select"

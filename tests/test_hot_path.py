@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from conftest import load_fixture
 from fhir.resources.R4B.servicerequest import ServiceRequest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cds_service.web.api import _too_deep
-from conftest import load_fixture
 
 SELECT = "/cds-services/sacroplasty-order-select"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ROOT, load_fixture
+from test_api import post
 
 from cds_service import create_app
 from cds_service.config import Settings
 from cds_service.pipeline.policy import load_catalogue
-from conftest import ROOT, load_fixture
-from test_api import SERVICE, post
 
 SYNTHETIC = ROOT / "tests" / "packs" / "synthetic-widgetplasty"
 SYNTHETIC_ID = "test-synthetic-widgetplasty"
@@ -105,7 +105,7 @@ def test_both_cards_in_one_order_sign_answer(two_packs: Path, tmp_path: Path) ->
                        [sacroplasty_order(), widgetplasty()], "order-sign")
     answer = post(client, body).get_json()
     assert sorted(pack_ids(answer)) == sorted([CCP, SYNTHETIC_ID])
-    by_pack = dict(zip(pack_ids(answer), answer["cards"]))
+    by_pack = dict(zip(pack_ids(answer), answer["cards"], strict=True))
     assert by_pack[CCP]["extension"]["davinci-crd.associated-resource"] == [{"reference": "ServiceRequest/sr-sacro-1"}]
     assert by_pack[SYNTHETIC_ID]["extension"]["davinci-crd.associated-resource"] == [
         {"reference": "ServiceRequest/sr-widget-1"}]

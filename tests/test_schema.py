@@ -10,8 +10,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -220,7 +221,7 @@ def test_the_placeholders_the_schema_allows_are_those_the_code_fills(module: str
 def test_the_message_keys_the_schema_requires_are_those_the_code_asks_for() -> None:
     source = (ROOT / "cds_service" / "pipeline" / "eligibility.py").read_text(encoding="utf-8")
     asked = set(re.findall(r'"((?:plan|coverage|chiro)_[a-z_]+)"', source))
-    asked |= {f"chiro_contraindicated_{{kind}}"} if "f\"chiro_contraindicated_{first}\"" in source else set()
+    asked |= {"chiro_contraindicated_{kind}"} if "f\"chiro_contraindicated_{first}\"" in source else set()
     asked.discard("chiro_contraindicated_")
     declared = set(schema.PLAN_MESSAGES) | set(schema.RULE_MESSAGES["chiropractic-first-four-weeks"])
     assert asked == declared

@@ -7,16 +7,19 @@ import io
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from conftest import FIXTURES, load_fixture
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from cds_service import create_app
 from cds_service.config import Settings
-from conftest import FIXTURES, load_fixture
 
 SELECT = "sacroplasty-order-select"
 SIGN = "sacroplasty-order-sign"

@@ -8,16 +8,16 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
-
-from cds_service.storage.store import cards_issued
 from conftest import load_fixture
 from test_auth import PUBLIC, bearer, clients_file, key_server, keys, sign  # noqa: F401  (fixtures)
 from test_store import count
+
+from cds_service.storage.store import cards_issued
 
 HOOK = "sacroplasty-order-select"
 FIXTURE = "order-select-sacroplasty-cpt.json"
@@ -176,7 +176,7 @@ def test_a_request_still_arriving_after_the_read_deadline_is_cut(start_server) -
                 sock.send(b" ")
                 sock.settimeout(0.5)
                 closed = sock.recv(1) == b""
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 closed = True

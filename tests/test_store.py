@@ -9,9 +9,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from sqlalchemy import Column, String, Table, create_engine, func, select, text

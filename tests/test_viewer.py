@@ -12,17 +12,19 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from conftest import FIXTURES, ROOT
 from sqlalchemy import select
 
-from conftest import FIXTURES, ROOT
 from cds_service import create_app
 from cds_service.config import Settings
-from cds_service.storage.store import Store, feedback as feedback_table
+from cds_service.storage.store import Store
+from cds_service.storage.store import feedback as feedback_table
 
 POLICY = json.loads((ROOT / "cards/ccp1247-sacroplasty/policy.json").read_text(encoding="utf-8"))
 SERVICES = {s["hook"]: s for s in json.loads((ROOT / "cards/services.json").read_text(encoding="utf-8"))["services"]}

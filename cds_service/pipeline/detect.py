@@ -19,9 +19,10 @@ never raises: anything of the wrong shape is simply not evidence. The cost is bo
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from cds_service.pipeline.policy import Policy
 
@@ -165,7 +166,7 @@ class Term:
     kind: str  # "exact", "prefix", "fuzzy"
 
     @staticmethod
-    def parse(spec: str) -> "Term":
+    def parse(spec: str) -> Term:
         spec = spec.casefold().strip()
         if spec.endswith("*"):
             return Term(spec[:-1], "prefix")
@@ -181,7 +182,7 @@ class Phrase:
     terms: tuple[Term, ...]
 
     @staticmethod
-    def parse(spec: str) -> "Phrase":
+    def parse(spec: str) -> Phrase:
         return Phrase(tuple(Term.parse(w) for w in spec.split()))
 
 
@@ -311,7 +312,7 @@ class SiteRules:
 
     @staticmethod
     def load(data: Any, modifiers: frozenset[str] = frozenset(), after_head: frozenset[str] = frozenset()) \
-            -> "SiteRules":
+            -> SiteRules:
         data = data if isinstance(data, dict) else {}
 
         def words(key: str) -> frozenset[str]:
@@ -433,7 +434,7 @@ class Context:
     guidance: tuple[Phrase, ...]
 
     @staticmethod
-    def load(data: Any) -> "Context":
+    def load(data: Any) -> Context:
         data = data if isinstance(data, dict) else {}
         within = data.get("imaging_unless_within", 3)
         return Context(

@@ -23,12 +23,12 @@ contraindication check), and the card detail says what is missing.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any, Iterable
+from functools import lru_cache
+from typing import Any
 
 from cds_service.pipeline.patient import PatientContext
 from cds_service.pipeline.policy import Policy
@@ -213,7 +213,8 @@ class ValueSet(CodeIndex):
 
 
 def _codes(concept: Any) -> set[str]:
-    return {c["code"] for c in _as_list(concept.get("coding")) if isinstance(c, dict) and isinstance(c.get("code"), str)} \
+    return {c["code"] for c in _as_list(concept.get("coding"))
+            if isinstance(c, dict) and isinstance(c.get("code"), str)} \
         if isinstance(concept, dict) else set()
 
 

@@ -17,8 +17,9 @@ start; a value that is not a positive integer stops the service from starting).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 
 def _cap(name: str, default: int, environ: Mapping[str, str] | None = None) -> int:
@@ -51,7 +52,8 @@ MAX_BUNDLE_ENTRIES = _cap("MAX_BUNDLE_ENTRIES", 1_000)  # entries of one key's B
 MAX_PREFETCH_ELEMENTS = _cap("MAX_PREFETCH_ELEMENTS", 50_000)  # JSON values of one key's data
 MAX_PAYORS = _cap("MAX_PAYORS", 50)  # payor references per Coverage
 # -- applied by cards.py and engine.py --------------------------------------------------------------------------
-MAX_ECHOED_TEXT = _cap("MAX_ECHOED_TEXT", 60)  # the order's name in the card detail and delete description (short: read at the order)
+# The order's name in the card detail and delete description: short, the card is read at the order.
+MAX_ECHOED_TEXT = _cap("MAX_ECHOED_TEXT", 60)
 MAX_SACROPLASTY_ORDERS = _cap("MAX_SACROPLASTY_ORDERS", 10)  # orders judged sacroplasty in one call (413 beyond)
 
 # What cards.py copies from the draft into every created order (its CARRIED_OVER, plus reasonCode and intent);

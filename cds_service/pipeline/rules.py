@@ -7,8 +7,9 @@ not here fails validation at load. Adding a rule is a code change here, reviewed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from cds_service.pipeline.eligibility import ChiroStatus, patient_chiropractic
 from cds_service.pipeline.patient import PatientContext

@@ -13,12 +13,22 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from string import Template
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
-                      ValidationError, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 
 class PolicyError(Exception):
@@ -30,7 +40,7 @@ class PolicyError(Exception):
         self.problems = problems or [message]
 
     @classmethod
-    def of(cls, problems: list[str]) -> "PolicyError":
+    def of(cls, problems: list[str]) -> PolicyError:
         more = f" (and {len(problems) - 1} more problem(s); run `cds-service check-policy`)" \
             if len(problems) > 1 else ""
         return cls(problems[0] + more, problems)

@@ -24,8 +24,17 @@ from typing import Any
 
 from cds_service.errors import ApiError, bad_request
 from cds_service.storage.store import (
-    MAX_CODE, MAX_DISPLAY, MAX_ID, MAX_SYSTEM, NUL_CHARACTER, RETRY_AFTER_SECONDS, TOO_LONG, InvalidRecord,
-    Store, StoreUnavailable, utcnow,
+    MAX_CODE,
+    MAX_DISPLAY,
+    MAX_ID,
+    MAX_SYSTEM,
+    NUL_CHARACTER,
+    RETRY_AFTER_SECONDS,
+    TOO_LONG,
+    InvalidRecord,
+    Store,
+    StoreUnavailable,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)

@@ -16,16 +16,36 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from sqlalchemy import (
-    Boolean, Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, delete, event, insert,
-    select, text, update,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    text,
+    update,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import (
-    DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError, StatementError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+    StatementError,
 )
 
 from cds_service.safetext import printable
@@ -467,7 +487,7 @@ class Store:
                        for iss, jti, expires in (job.payload for job in checks)]
         except SQLAlchemyError as exc:
             raise self._unavailable(exc) from exc
-        for job, first in zip(checks, new):  # answered only once committed
+        for job, first in zip(checks, new, strict=True):  # answered only once committed
             job.finish(first)
 
     def _insert_jti_alone(self, iss: str, jti: str, expires_at: datetime) -> bool:

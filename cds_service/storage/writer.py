@@ -25,7 +25,8 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from cds_service.pipeline.evaluate import Evaluation, Evaluator, Service
 from cds_service.errors import ApiError, bad_request
+from cds_service.pipeline.evaluate import Evaluation, Evaluator, Service
 
 log = logging.getLogger(__name__)
 

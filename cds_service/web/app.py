@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask
 from flask_cors import CORS
 
 from cds_service.config import ConfigError, Settings
 from cds_service.web.jsonio import FastJSONProvider
+
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     """Application factory. `config` is a Settings, a mapping of Settings fields, or None (environment).
@@ -24,12 +26,12 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     if problem:
         raise ConfigError(problem)
 
-    from cds_service.web import api, policy_page, viewer
     from cds_service.auth.tokens import Authenticator
     from cds_service.fhir import FhirReader
     from cds_service.pipeline.evaluate import Evaluator
     from cds_service.pipeline.policy import load_catalogue
     from cds_service.storage.store import Store, StoreUnavailable
+    from cds_service.web import api, policy_page, viewer
 
     app = Flask(__name__, static_folder=None)
     app.config["CDS_SETTINGS"] = settings
