@@ -1,10 +1,11 @@
 # make run   installs into .venv and starts the service in dev mode on http://127.0.0.1:8080 (SQLite, no outside services)
 # make test  installs into .venv (with the test extras) and runs the whole test suite
+# make lint  ruff and mypy (strict on cds_service/pipeline), as CI runs them before the tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test run test bench clean
+.PHONY: install install-test run test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ run: install
 
 test: install-test
 	$(BIN)/python -m pytest
+
+lint: install-test
+	$(BIN)/ruff check cds_service tests bench
+	$(BIN)/mypy
 
 bench: install-test
 	$(BIN)/python bench/run.py
