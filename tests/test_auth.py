@@ -30,9 +30,9 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from cds_service import create_app
-from cds_service.auth.tokens import (
-    JWKS_MIN_REFRESH, Authenticator, ClientsFileError, KeySetCache, KeySetError, fetch_jwks, load_clients,
-)
+from cds_service.auth import Authenticator
+from cds_service.auth.clients import ClientsFileError, load_clients
+from cds_service.auth.keysets import JWKS_MIN_REFRESH, KeySetCache, KeySetError, fetch_jwks
 from cds_service.config import ConfigError, Settings
 from cds_service.errors import ApiError
 from cds_service.storage.store import Store
