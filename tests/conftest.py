@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import requests
 
 from cds_service import create_app
 from cds_service.config import Settings
+from cds_service.tools.localserver import free_port, serve_command, wait_until_answering
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -40,20 +37,13 @@ def client(app):
     return app.test_client()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class RunningServer:
     """`cds-service serve` in a subprocess on a free loopback port."""
 
     def __init__(self, env: dict[str, str], args: list[str], workers: int = 2, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "cds_service.cli", "serve", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", str(workers), *args]
+        command = serve_command(self.port, workers, args=args)
         self.log_path = Path(env.get("CDS_TEST_LOG", os.devnull))
         self._log = open(self.log_path, "ab") if env.get("CDS_TEST_LOG") else subprocess.DEVNULL
         self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=self._log, stderr=self._log)
@@ -64,16 +54,7 @@ class RunningServer:
             raise
 
     def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}")
-            try:
-                requests.get(self.url + "/cds-services", timeout=2)
-                return
-            except (requests.ConnectionError, requests.Timeout):
-                time.sleep(0.1)
-        raise RuntimeError("server did not start within 60 s")
+        wait_until_answering(self.url, self.process)
 
     def stop(self) -> None:
         self.process.terminate()
