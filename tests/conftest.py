@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import requests
 
 from cds_service import create_app
 from cds_service.config import Settings
-from cds_service.tools.localserver import free_port, serve_command, wait_until_answering
+from cds_service.tools.localserver import free_port, serve_command
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -54,7 +56,16 @@ class RunningServer:
             raise
 
     def _wait_until_ready(self) -> None:
-        wait_until_answering(self.url, self.process)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}")
+            try:
+                requests.get(self.url + "/cds-services", timeout=2)
+                return
+            except (requests.ConnectionError, requests.Timeout):
+                time.sleep(0.1)
+        raise RuntimeError("server did not start within 60 s")
 
     def stop(self) -> None:
         self.process.terminate()

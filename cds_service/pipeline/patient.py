@@ -180,11 +180,6 @@ def gather(hook_request: HookRequest, fhir: FhirFetcher | None = None) -> Patien
     return _context(values, frozenset(unavailable))
 
 
-def from_prefetch(hook_request: HookRequest) -> PatientContext:
-    """Only what the client sent (no outbound call)."""
-    return gather(hook_request, None)
-
-
 def _context(values: dict[str, Any], unavailable: frozenset[str]) -> PatientContext:
     patient = values.get("patient")
     return PatientContext(

@@ -1,4 +1,4 @@
-"""`cds-service serve` on a free loopback port, as the tests and the benchmark start it.
+"""`cds-service serve` on a free loopback port, as the tests (tests/conftest.py) and the benchmark start it.
 
 The command is the one production runs (gunicorn workers serving with waitress); only the host is fixed to
 127.0.0.1 and the port chosen free.
@@ -7,12 +7,8 @@ The command is the one production runs (gunicorn workers serving with waitress);
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import requests
 
 
 def free_port() -> int:
@@ -31,17 +27,3 @@ def serve_command(port: int | str, workers: int = 2, threads: int | None = None,
     if threads is not None:
         command += ["--threads", str(threads)]
     return [*command, *args]
-
-
-def wait_until_answering(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Until GET `url`/cds-services answers; RuntimeError when the server exits or does not answer in time."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            requests.get(url + "/cds-services", timeout=2)
-            return
-        except (requests.ConnectionError, requests.Timeout):
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not start within {timeout:g} s")
