@@ -1,4 +1,5 @@
-"""`cds-service report`: how clinicians answered the cards, for the payer.
+"""`cds-service report`: how clinicians answered the cards, for the payer. This module is the entry point:
+figures.py reads the database into figures; table.py, csv_out.py, json_out.py and html.py each render them.
 
 Reads the database named by CDS_DATABASE_URL (never writes to it) and prints cards issued, feedback
 received, accepted / overridden counts and rates, the alternatives chosen and the override reasons, in
