@@ -39,8 +39,8 @@ class Figures:
     feedback_received: int = 0
     accepted: int = 0
     overridden: int = 0
-    override_reasons: Counter = field(default_factory=Counter)      # reason code → count
-    accepted_suggestions: Counter = field(default_factory=Counter)  # alternative label → count
+    override_reasons: Counter[str] = field(default_factory=Counter)      # reason code → count
+    accepted_suggestions: Counter[str] = field(default_factory=Counter)  # alternative label → count
     overridden_without_reason: int = 0
 
     def rate(self, count: int) -> float | None:
@@ -236,7 +236,7 @@ def build_report(url: str, since: datetime | None, cards_dir: Path) -> Report:
         engine.dispose()
 
 
-def ranked(counter: Counter) -> list[tuple[str, int]]:
+def ranked(counter: Counter[str]) -> list[tuple[str, int]]:
     """Most frequent first, ties by name: stable output."""
     return sorted(counter.items(), key=lambda item: (-item[1], item[0]))
 

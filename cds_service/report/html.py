@@ -17,7 +17,7 @@ def _nice_ceiling(value: int) -> int:
     """A round axis maximum ≥ value: the next multiple of its leading power of ten (23 → 30, 7 → 7)."""
     if value <= 1:
         return 1
-    step = 10 ** (len(str(value)) - 1)
+    step: int = 10 ** (len(str(value)) - 1)
     return -(-value // step) * step
 
 

@@ -20,10 +20,11 @@ from urllib.parse import urlsplit
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from cds_service.tools.conformance import Conformance, check_response
+from cds_service.auth.keysets import ALGORITHMS
 from cds_service.safetext import printable
+from cds_service.tools.conformance import Conformance, check_response
 from cds_service.tools.signing import (
-    ALGORITHMS, UsageError, algorithm_for, generate_key, load_private_key, make_token, public_jwk, read_file,
+    UsageError, algorithm_for, generate_key, load_private_key, make_token, public_jwk, read_file,
 )
 
 DEFAULT_KEY_FILE = "cds-client-key.pem"
