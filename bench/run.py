@@ -48,11 +48,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cds_service.tools.localserver import free_port, serve_command
+from cds_service.tools.signing import generate_key, make_token, public_jwk
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 FIXTURES = ROOT / "fixtures"
 LUA = BENCH / "hook.lua"
-BIN = Path(sys.executable).parent
 
 # cds_service/cli.py `serve`: gunicorn gthread, keepalive 5, timeout 30; the baseline gets the same.
 WORKERS = 2
@@ -62,7 +64,6 @@ TIMEOUT = 30
 
 P99_LIMIT_MS = 25.0
 RSS_LIMIT_MB = 120.0
-TOKEN_LIFETIME_S = 240  # CDS Hooks: a client's token expires within 5 minutes
 CLIENT_ISS = "https://bench-ehr.example.org"
 
 
@@ -90,12 +91,6 @@ class BenchError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- servers
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 class Server:
     """A gunicorn master (and its workers) in a subprocess on 127.0.0.1, logging to a file.
@@ -186,10 +181,8 @@ class Server:
 
 
 def service_command(dev: bool) -> list[str]:
-    script = BIN / "cds-service"
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "cds_service.cli"]
-    return [*launcher, "serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", str(WORKERS),
-            "--threads", str(THREADS), *(["--dev"] if dev else [])]
+    """`cds-service serve` as the tests start it (cds_service/tools/localserver.py), with production's threads."""
+    return serve_command("{port}", WORKERS, THREADS, ["--dev"] if dev else [])
 
 
 def baseline_command() -> list[str]:
@@ -236,21 +229,13 @@ class Signer:
     """An ES384 key pair acting as the EHR: its JWKS and a supply of single-use tokens."""
 
     def __init__(self) -> None:
-        import jwt
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from jwt.algorithms import ECAlgorithm
-
-        self._jwt = jwt
-        self.key = ec.generate_private_key(ec.SECP384R1())
+        self.key = generate_key("ES384")
         self.kid = "bench-" + uuid.uuid4().hex[:8]
-        public = ECAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
-        self.jwks = {"keys": [{**public, "kid": self.kid, "alg": "ES384", "use": "sig"}]}
+        self.jwks = {"keys": [public_jwk(self.key, "ES384", self.kid)]}
 
     def token(self, aud: str) -> str:
-        now = int(time.time())
-        claims = {"iss": CLIENT_ISS, "sub": CLIENT_ISS, "aud": aud, "iat": now, "exp": now + TOKEN_LIFETIME_S,
-                  "jti": str(uuid.uuid4())}
-        return self._jwt.encode(claims, self.key, algorithm="ES384", headers={"kid": self.kid, "typ": "JWT"})
+        """A fresh token as `cds-service call` signs it (tools/signing.py): own jti, 5 minutes to live."""
+        return make_token(self.key, "ES384", CLIENT_ISS, aud, self.kid)
 
     def token_file(self, aud: str, count: int, path: Path) -> Path:
         path.write_text("\n".join(self.token(aud) for _ in range(count)) + "\n")

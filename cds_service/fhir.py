@@ -30,6 +30,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from cds_service.pipeline.fhirjson import bundle_entries
+
 log = logging.getLogger(__name__)
 
 ACCEPT = "application/fhir+json"
@@ -394,8 +396,8 @@ class FhirReader:
             bundle = self._get_json(session, base, url, token, deadline)
             if bundle.get("resourceType") != "Bundle":
                 raise FetchError(f"expected a Bundle, got {_kind(bundle)}")
-            page = bundle.get("entry", [])
-            if not isinstance(page, list):
+            page = bundle_entries(bundle)
+            if page is None:
                 raise FetchError("Bundle.entry is not a list")
             entries.extend(e for e in page if isinstance(e, dict))
             next_url = _next_link(bundle)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import requests
 
 from cds_service import create_app
 from cds_service.config import Settings
+from cds_service.tools.localserver import free_port, serve_command
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -41,20 +40,13 @@ def client(app):
     return app.test_client()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class RunningServer:
     """`cds-service serve` in a subprocess on a free loopback port."""
 
     def __init__(self, env: dict[str, str], args: list[str], workers: int = 2, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "cds_service.cli", "serve", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", str(workers), *args]
+        command = serve_command(self.port, workers, args=args)
         self.log_path = Path(env.get("CDS_TEST_LOG", os.devnull))
         self._log = open(self.log_path, "ab") if env.get("CDS_TEST_LOG") else subprocess.DEVNULL
         self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=self._log, stderr=self._log)

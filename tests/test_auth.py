@@ -30,9 +30,9 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from cds_service import create_app
-from cds_service.auth.tokens import (
-    JWKS_MIN_REFRESH, Authenticator, ClientsFileError, KeySetCache, KeySetError, fetch_jwks, load_clients,
-)
+from cds_service.auth import Authenticator
+from cds_service.auth.clients import ClientsFileError, load_clients
+from cds_service.auth.keysets import JWKS_MIN_REFRESH, KeySetCache, KeySetError, fetch_jwks
 from cds_service.config import ConfigError, Settings
 from cds_service.errors import ApiError
 from cds_service.storage.store import Store
@@ -755,3 +755,17 @@ def test_serve_with_malformed_clients_file_exits_with_the_reason(tmp_path) -> No
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "needs a key set" in done.stderr
+
+
+def test_the_old_import_paths_still_work() -> None:
+    """cli.py and web/app.py import from auth.tokens; the package exports the same objects, one ALGORITHMS."""
+    from cds_service import auth
+    from cds_service.auth import clients, keysets, tokens
+    from cds_service.tools import signing
+
+    assert tokens.ClientsFileError is auth.ClientsFileError is clients.ClientsFileError
+    assert tokens.load_clients is auth.load_clients is clients.load_clients
+    assert tokens.Authenticator is auth.Authenticator
+    assert signing.ALGORITHMS is auth.ALGORITHMS is keysets.ALGORITHMS == ("ES384", "RS384")
+    with pytest.raises(AttributeError):
+        auth.NoSuchName  # noqa: B018

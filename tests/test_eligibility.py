@@ -24,7 +24,7 @@ from cds_service.pipeline.eligibility import (
     plan_status,
 )
 from cds_service.pipeline.hooks import parse_hook_request
-from cds_service.pipeline.patient import PatientContext, from_prefetch
+from cds_service.pipeline.patient import PatientContext, gather
 from cds_service.pipeline.policy import load_policies
 from cds_service.web.policy_page import page_markdown
 
@@ -615,7 +615,7 @@ def test_fixtures_decide_as_named_on_their_own_date() -> None:
     }
     for name, (applies, note) in expected.items():
         request = parse_hook_request(load_fixture(name), "order-select", 200)
-        ctx = from_prefetch(request)
+        ctx = gather(request)
         assert plan_status(ctx, POLICY).applies is applies, name
         assert chiropractic_status(ctx, POLICY, FIXTURE_DAY, request.orders[0]).note == note, name
 

@@ -16,7 +16,7 @@ from cds_service.pipeline.eligibility import chiropractic_status, plan_status
 from cds_service.pipeline import limits
 from cds_service.fhir import FetchOutcome, FhirReader
 from cds_service.pipeline.hooks import parse_hook_request
-from cds_service.pipeline.patient import PREFETCH_TEMPLATES, fallback_query, from_prefetch, gather
+from cds_service.pipeline.patient import PREFETCH_TEMPLATES, fallback_query, gather
 from cds_service.pipeline.policy import load_policies
 from conftest import load_fixture
 
@@ -38,7 +38,7 @@ def member_prefetch() -> dict[str, Any]:
 
 
 def test_present_keys_are_used() -> None:
-    ctx = from_prefetch(request_with(member_prefetch()))
+    ctx = gather(request_with(member_prefetch()))
     assert ctx.patient["id"] == "pt-sh-1001"
     assert [c["id"] for c in ctx.coverages] == ["cov-sh-1001"]
     assert [c["code"]["coding"][0]["code"] for c in ctx.conditions] == ["M54.50"]
@@ -48,31 +48,31 @@ def test_present_keys_are_used() -> None:
 
 
 def test_null_means_known_to_be_none() -> None:
-    ctx = from_prefetch(request_with({"patient": None, "coverage": None, "conditions": None}))
+    ctx = gather(request_with({"patient": None, "coverage": None, "conditions": None}))
     assert (ctx.patient, ctx.coverages, ctx.conditions, ctx.unavailable) == (None, [], [], frozenset())
 
 
 def test_empty_searchset_means_known_to_be_none() -> None:
     empty = {"resourceType": "Bundle", "type": "searchset", "total": 0}
-    ctx = from_prefetch(request_with({"coverage": empty, "conditions": dict(empty, entry=[])}))
+    ctx = gather(request_with({"coverage": empty, "conditions": dict(empty, entry=[])}))
     assert (ctx.coverages, ctx.conditions) == ([], [])
 
 
 def test_absent_means_unknown() -> None:
-    ctx = from_prefetch(request_with(None))
+    ctx = gather(request_with(None))
     assert (ctx.patient, ctx.coverages, ctx.conditions, ctx.unavailable) == (None, None, None, frozenset())
 
 
 def test_a_lone_resource_is_accepted_for_a_search() -> None:
     coverage = member_prefetch()["coverage"]["entry"][0]["resource"]
-    ctx = from_prefetch(request_with({"coverage": coverage}))
+    ctx = gather(request_with({"coverage": coverage}))
     assert ctx.coverages == [coverage] and ctx.conditions is None
 
 
 def test_operation_outcome_means_unavailable(caplog) -> None:
     caplog.set_level(logging.WARNING, logger="cds_service")
     outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]}
-    ctx = from_prefetch(request_with({"coverage": outcome, "conditions": member_prefetch()["conditions"]}))
+    ctx = gather(request_with({"coverage": outcome, "conditions": member_prefetch()["conditions"]}))
     assert ctx.coverages is None and ctx.unavailable == {"coverage"} and ctx.conditions
     assert any("reported an error for prefetch coverage" in r.getMessage() for r in caplog.records)
 
@@ -84,7 +84,7 @@ def test_operation_outcome_inside_the_bundle(severity: str, unavailable: bool) -
     conditions["entry"].append({"resource": {"resourceType": "OperationOutcome",
                                              "issue": [{"severity": severity, "code": "incomplete"}]},
                                 "search": {"mode": "outcome"}})
-    ctx = from_prefetch(request_with({"conditions": conditions}))
+    ctx = gather(request_with({"conditions": conditions}))
     assert ("conditions" in ctx.unavailable) is unavailable
     assert (ctx.conditions is None) is unavailable
 
@@ -92,14 +92,14 @@ def test_operation_outcome_inside_the_bundle(severity: str, unavailable: bool) -
 @pytest.mark.parametrize("value", ["Bundle", 42, [], {"resourceType": "Observation"}, {"entry": []}])
 def test_garbage_is_treated_as_not_sent_and_then_as_unavailable(value, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="cds_service")
-    ctx = from_prefetch(request_with({"coverage": value, "patient": value}))
+    ctx = gather(request_with({"coverage": value, "patient": value}))
     assert ctx.coverages is None and ctx.patient is None
     assert ctx.unavailable == {"coverage", "patient"}
     assert any("prefetch coverage is not FHIR Coverage data" in r.getMessage() for r in caplog.records)
 
 
 def test_a_patient_key_holding_a_bundle_is_garbage() -> None:
-    ctx = from_prefetch(request_with({"patient": {"resourceType": "Bundle", "entry": []}}))
+    ctx = gather(request_with({"patient": {"resourceType": "Bundle", "entry": []}}))
     assert ctx.patient is None and "patient" in ctx.unavailable
 
 
@@ -136,7 +136,7 @@ def test_fetched_data_beyond_a_cap_is_unavailable(caplog) -> None:
 def test_prefetch_beyond_a_cap_is_unavailable_and_the_rest_is_used() -> None:
     prefetch = member_prefetch()
     prefetch["conditions"]["entry"] *= limits.MAX_BUNDLE_ENTRIES + 1
-    ctx = from_prefetch(request_with(prefetch))
+    ctx = gather(request_with(prefetch))
     assert ctx.conditions is None and ctx.unavailable == frozenset({"conditions"})
     assert [c["id"] for c in ctx.coverages] == ["cov-sh-1001"]
     assert chiropractic_status(ctx, POLICY, date(2026, 11, 30)).note == "chiro_unknown"
@@ -192,7 +192,7 @@ def test_mutated_prefetch_never_breaks_the_decision(data) -> None:
         for step in path[:-1]:
             parent = parent[step]
         parent[path[-1]] = data.draw(JSON)
-    ctx = from_prefetch(request_with(prefetch))
+    ctx = gather(request_with(prefetch))
     plan = plan_status(ctx, POLICY)
     chiro = chiropractic_status(ctx, POLICY, date(2026, 11, 25))
     assert isinstance(plan.applies, bool) and isinstance(chiro.offer, bool)

@@ -18,7 +18,8 @@ import pytest
 from cds_service import cli
 from cds_service.config import Settings
 from cds_service.pipeline.policy import load_policies
-from cds_service.report.render import Day, day_chart
+from cds_service.report.figures import Day
+from cds_service.report.html import day_chart
 from cds_service.storage.store import Store
 from conftest import free_port
 from test_store import card_row, database_url, feedback_row  # noqa: F401 - database_url is a fixture
@@ -357,7 +358,7 @@ def test_feedback_dated_year_1_and_9999_does_not_stretch_the_day_range(tmp_path:
 
 
 def test_a_period_longer_than_the_cap_keeps_the_latest_days(tmp_path: Path, monkeypatch, capsys) -> None:
-    from cds_service.report.render import MAX_REPORT_DAYS
+    from cds_service.report.figures import MAX_REPORT_DAYS
 
     url = f"sqlite:///{tmp_path / 'long.sqlite3'}"
     store = Store(url)

@@ -12,13 +12,12 @@ from datetime import datetime
 from string import Template
 from typing import Any, Iterator
 
-from fhir.resources.R4B.servicerequest import ServiceRequest
-
 from cds_service.pipeline import limits
 from cds_service.pipeline.decide import Decision
 from cds_service.pipeline.eligibility import ValueSet
 from cds_service.pipeline.hooks import HookRequest
 from cds_service.pipeline.policy import Alternative, Policy
+from cds_service.pipeline.validation import order_errors
 
 CARD_EXTENSION_POLICY = "cds-sacroplasty.policy"
 CRD_ASSOCIATED_RESOURCE = "davinci-crd.associated-resource"
@@ -158,9 +157,7 @@ class CardBuilder:
         base = self._base_order(order, hook_request, now, copy_from_draft=True)
         if order_is_valid:  # copied from a valid order: valid as it stands
             return base
-        try:
-            ServiceRequest.model_validate({**base, "code": {"text": "check"}})
-        except ValueError:
+        if order_errors({**base, "code": {"text": "check"}}):
             base = self._base_order(order, hook_request, now, copy_from_draft=False)
         return base
 

@@ -16,12 +16,12 @@ from datetime import date
 from typing import Any
 
 import orjson
-from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from cds_service.pipeline.decide import Decision
 from cds_service.errors import bad_request
 from cds_service.pipeline.patient import FHIR_ID
 from cds_service.pipeline.policy import Policy, PolicyError
+from cds_service.pipeline.validation import order_errors
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,8 @@ def coverage_information(reference: str, policy: Policy, assertion_id: str, toda
 
 
 def _valid_r4(resource: dict[str, Any]) -> bool:
-    try:
-        ServiceRequest.model_validate(resource)
-    # fhir.resources raises KeyError for a contained resource of unknown type, so more than ValidationError.
-    except (ValueError, KeyError, TypeError) as exc:  # only a count is logged: details can quote patient data
-        errors = exc.error_count() if hasattr(exc, "error_count") else 1  # pydantic's ValidationError
+    errors = order_errors(resource)
+    if errors:  # only a count is logged: details can quote patient data
         log.warning("coverage-information update left out: the draft order is not valid FHIR R4 (%d error(s))",
                     errors)
         return False

@@ -7,14 +7,13 @@ from datetime import date
 from functools import cached_property
 from typing import Any
 
-from fhir.resources.R4B.servicerequest import ServiceRequest
-
 from cds_service.pipeline.detect import Detector, Match
 from cds_service.pipeline.eligibility import PlanStatus, patient_contraindications, plan_status
 from cds_service.pipeline.hooks import HookRequest
 from cds_service.pipeline.patient import PatientContext
 from cds_service.pipeline.policy import Policy
 from cds_service.pipeline.rules import RULES, RuleStatus
+from cds_service.pipeline.validation import order_errors
 
 
 @dataclass(frozen=True)
@@ -37,11 +36,7 @@ class Decision:
         """Is the draft order, as sent, valid FHIR R4? Checked at most once per call: fhir.resources
         validation is the costliest step of a sacroplasty call, and what the card's replacement orders and
         the CRD update copy from a valid order needs no validation of its own."""
-        try:
-            ServiceRequest.model_validate(self.order)
-        except (ValueError, KeyError, TypeError):  # KeyError: a contained resource of unknown type
-            return False
-        return True
+        return order_errors(self.order) == 0
 
     @property
     def known_valid(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from cds_service.pipeline import limits
+from cds_service.pipeline.fhirjson import bundle_entries, entry_resources
 from cds_service.errors import ApiError, bad_request, too_large
 
 JUDGED_STATUSES = {"draft", "active"}
@@ -162,17 +163,15 @@ def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookReque
     bundle = context.get("draftOrders")
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise bad_request("context.draftOrders must be a FHIR Bundle", "context.draftOrders")
-    entries = bundle.get("entry", [])
-    if not isinstance(entries, list):
+    entries = bundle_entries(bundle)
+    if entries is None:
         raise bad_request("context.draftOrders.entry must be a list", "context.draftOrders.entry")
     if len(entries) > max_draft_orders:
         raise ApiError(413, "too_many_orders",
                        f"context.draftOrders has {len(entries)} entries; at most {max_draft_orders} are accepted",
                        "context.draftOrders.entry")
     _check_cost(entries)
-    resources = tuple(
-        e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-    )
+    resources = tuple(entry_resources(entries))
 
     if hook == "order-select":
         selections = context.get("selections")

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import orjson
 
 from cds_service.pipeline import limits
+from cds_service.pipeline.fhirjson import bundle_entries, entry_resources, resource_entries
 from cds_service.pipeline.hooks import HookRequest
 
 log = logging.getLogger(__name__)
@@ -62,20 +63,12 @@ def _resources(value: Any, resource_type: str) -> list[dict[str, Any]]:
         return []
     if value.get("resourceType") == resource_type:
         return [value]
-    entries = value.get("entry") if value.get("resourceType") == "Bundle" else None
-    return [
-        e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-        and e["resource"].get("resourceType") == resource_type
-    ] if isinstance(entries, list) else []
+    return entry_resources(bundle_entries(value) or [], resource_type)
 
 
 def _organizations(value: Any) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
-    entries = value.get("entry") if isinstance(value, dict) and value.get("resourceType") == "Bundle" else None
-    for entry in entries if isinstance(entries, list) else []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict) or resource.get("resourceType") != "Organization":
-            continue
+    for entry, resource in resource_entries(bundle_entries(value) or [], "Organization"):
         if isinstance(resource.get("id"), str):
             found[f"Organization/{resource['id']}"] = resource
         if isinstance(entry.get("fullUrl"), str):
@@ -185,11 +178,6 @@ def gather(hook_request: HookRequest, fhir: FhirFetcher | None = None) -> Patien
             unavailable |= set(missing)
     unavailable |= {k for k in invalid if k not in values}
     return _context(values, frozenset(unavailable))
-
-
-def from_prefetch(hook_request: HookRequest) -> PatientContext:
-    """Only what the client sent (no outbound call)."""
-    return gather(hook_request, None)
 
 
 def _context(values: dict[str, Any], unavailable: frozenset[str]) -> PatientContext:

@@ -1,1 +1,2 @@
-"""The payer's report: figures from the database, rendered as a table, CSV, JSON or an HTML page."""
+"""The payer's report: figures from the database (figures.py), rendered as a table (table.py), CSV (csv_out.py),
+JSON (json_out.py) or an HTML page (html.py, template report.html); render.py picks the rendering and writes it."""

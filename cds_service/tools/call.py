@@ -8,6 +8,7 @@ error (unreadable file or key, bad URL, service unreachable).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -19,10 +20,11 @@ from urllib.parse import urlsplit
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from cds_service.tools.conformance import Conformance, check_response
+from cds_service.auth.keysets import ALGORITHMS
 from cds_service.safetext import printable
+from cds_service.tools.conformance import Conformance, check_response
 from cds_service.tools.signing import (
-    ALGORITHMS, UsageError, algorithm_for, generate_key, load_private_key, make_token, public_jwk, read_file,
+    UsageError, algorithm_for, generate_key, load_private_key, make_token, public_jwk, read_file,
 )
 
 DEFAULT_KEY_FILE = "cds-client-key.pem"
@@ -143,57 +145,73 @@ def _check_url(url: str) -> None:
         raise UsageError(f"URL must be an http(s) CDS service endpoint, like https://host/cds-services/<id>: {url}")
 
 
-def _authorization(args: argparse.Namespace) -> dict[str, str]:
-    if not args.key:
-        if args.iss or args.kid:
+def _authorization(url: str, key_file: str | None, iss: str | None, kid: str | None,
+                   alg: str | None) -> dict[str, str]:
+    if not key_file:
+        if iss or kid:
             raise UsageError("--iss and --kid are only used with --key")
         return {}
-    if not args.iss:
+    if not iss:
         raise UsageError("--key needs --iss (the issuer the service knows this client by)")
-    key = load_private_key(args.key)
-    alg = algorithm_for(key, args.alg)
-    kid = args.kid or public_jwk(key, alg)["kid"]
-    return {"Authorization": "Bearer " + make_token(key, alg, args.iss, args.url, kid)}
+    key = load_private_key(key_file)
+    alg = algorithm_for(key, alg)
+    kid = kid or public_jwk(key, alg)["kid"]
+    return {"Authorization": "Bearer " + make_token(key, alg, iss, url, kid)}
 
 
-def call(args: argparse.Namespace) -> int:
-    """POST the request file, print the answer, and say whether it conforms."""
-    _check_url(args.url)
-    if args.alg and not args.key:
+def _usage_errors(command: Callable[..., int]) -> Callable[..., int]:
+    """A UsageError becomes its message on standard error and exit code 2."""
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> int:
+        try:
+            return command(*args, **kwargs)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_usage_errors
+def call(url: str, file: str, *, key: str | None = None, iss: str | None = None, kid: str | None = None,
+         alg: str | None = None, json_output: bool = False, timeout: float = 30.0) -> int:
+    """`cds-service call`: POST the request file, print the answer, and say whether it conforms (exit code)."""
+    _check_url(url)
+    if alg and not key:
         raise UsageError("--alg is only used with --key")
-    raw = _read_request(args.file)
-    headers = {"Content-Type": "application/json", "Accept": "application/json", **_authorization(args)}
+    raw = _read_request(file)
+    headers = {"Content-Type": "application/json", "Accept": "application/json",
+               **_authorization(url, key, iss, kid, alg)}
     started = time.perf_counter()
     try:
-        response = requests.post(args.url, data=raw, headers=headers, timeout=args.timeout, allow_redirects=False)
+        response = requests.post(url, data=raw, headers=headers, timeout=timeout, allow_redirects=False)
     except requests.Timeout:
-        raise UsageError(f"no answer from {args.url} within {args.timeout:g} s") from None
+        raise UsageError(f"no answer from {url} within {timeout:g} s") from None
     except requests.exceptions.SSLError:
-        raise UsageError(f"cannot reach {args.url}: TLS handshake failed") from None
+        raise UsageError(f"cannot reach {url}: TLS handshake failed") from None
     except requests.RequestException as exc:
         text = str(exc).lower()
         why = ("connection refused" if "refused" in text else
                "host name not found" if "resolve" in text or "name or service" in text else type(exc).__name__)
-        raise UsageError(f"cannot reach {args.url}: {why}") from None
+        raise UsageError(f"cannot reach {url}: {why}") from None
     millis = (time.perf_counter() - started) * 1000
     text = response.text
-    if args.json:  # the body as sent, but for characters that would act on the terminal (JSON stays JSON)
+    if json_output:  # the body as sent, but for characters that would act on the terminal (JSON stays JSON)
         print(printable(text.replace("\r\n", "\n"), keep="\n\t"))
     try:
         data, is_json = response.json(), True
     except ValueError:
         data, is_json = None, False
-    head = f"POST {args.url} -> HTTP {response.status_code} in {millis:.0f} ms"
+    head = f"POST {url} -> HTTP {response.status_code} in {millis:.0f} ms"
     if response.status_code != 200:
         detail = _s(_dict(data).get("message") or text[:300].strip() or response.reason)
-        print(f"{head}: {detail}", file=sys.stderr if args.json else sys.stdout)
+        print(f"{head}: {detail}", file=sys.stderr if json_output else sys.stdout)
         print(f"error: the service did not answer 200 OK (HTTP {response.status_code})", file=sys.stderr)
         return 1
     result = check_response(data) if is_json else Conformance(["response: is not JSON"])
     if is_json and response.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
         result.notes.append("response: Content-Type is not application/json")
-    stream = sys.stderr if args.json else sys.stdout
-    if not args.json:
+    stream = sys.stderr if json_output else sys.stdout
+    if not json_output:
         body = _dict(data)
         counts = _count(len(_list(body.get("cards"))), "card")
         if _list(body.get("systemActions")):
@@ -212,36 +230,29 @@ def call(args: argparse.Namespace) -> int:
     return 1
 
 
-def keys(args: argparse.Namespace) -> int:
-    """Write a new private key (PEM, owner-only) and print its public JWKS."""
-    key = generate_key(args.alg)
+@_usage_errors
+def keys(alg: str = "ES384", kid: str | None = None, out: str = DEFAULT_KEY_FILE) -> int:
+    """`cds-service keys`: write a new private key (PEM, owner-only) and print its public JWKS."""
+    key = generate_key(alg)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     try:
-        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise UsageError(f"{args.out} already exists; choose another --out (keys are never overwritten)") from None
+        raise UsageError(f"{out} already exists; choose another --out (keys are never overwritten)") from None
     except OSError as exc:
-        raise UsageError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
-    jwk = public_jwk(key, args.alg, args.kid)
+    jwk = public_jwk(key, alg, kid)
     print(json.dumps({"keys": [jwk]}, indent=2))
-    print(f"Private key written to {args.out} (keep it secret). Register the JWKS above with the CDS service, "
-          f"then: cds-service call URL FILE --key {args.out} --iss YOUR-ISSUER --kid {jwk['kid']}",
+    print(f"Private key written to {out} (keep it secret). Register the JWKS above with the CDS service, "
+          f"then: cds-service call URL FILE --key {out} --iss YOUR-ISSUER --kid {jwk['kid']}",
           file=sys.stderr)
     return 0
 
 
-def _run(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return run
-
+# --- until cli.py builds these parsers itself (issue 14: every argument parser in cli.py) -------------
 
 def configure_call_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = ("POST a CDS Hooks request file to a CDS service endpoint, print the cards and the "
@@ -254,7 +265,8 @@ def configure_call_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alg", choices=ALGORITHMS, help="check the key signs with this algorithm")
     parser.add_argument("--json", action="store_true", help="print the raw response body instead of the cards")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
-    parser.set_defaults(func=_run(call))
+    parser.set_defaults(func=lambda args: call(args.url, args.file, key=args.key, iss=args.iss, kid=args.kid,
+                                             alg=args.alg, json_output=args.json, timeout=args.timeout))
 
 
 def configure_keys_parser(parser: argparse.ArgumentParser) -> None:
@@ -264,4 +276,4 @@ def configure_keys_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kid", help="key id (default: the key's RFC 7638 thumbprint)")
     parser.add_argument("--out", metavar="PEM", default=DEFAULT_KEY_FILE,
                         help=f"where to write the private key (default {DEFAULT_KEY_FILE}; never overwritten)")
-    parser.set_defaults(func=_run(keys))
+    parser.set_defaults(func=lambda args: keys(args.alg, args.kid, args.out))

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-ALGORITHMS = ("ES384", "RS384")  # the two CDS Hooks 2.0 recommends
+from cds_service.auth.keysets import ALGORITHMS  # one list for both sides of the handshake
+
 TOKEN_LIFETIME = 300  # seconds, as the CDS Hooks Sandbox does
 RSA_BITS = 3072
 
