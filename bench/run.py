@@ -307,7 +307,7 @@ def wrk(url: str, body_file: Path, path: str, seconds: float, connections: int, 
     if tokens:
         command += [str(tokens), str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("BENCH ")), None)
+    line = next((row for row in done.stdout.splitlines() if row.startswith("BENCH ")), None)
     if done.returncode != 0 or line is None:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stdout[-500:]} {done.stderr[-500:]}")
     data = json.loads(line[len("BENCH "):])
@@ -513,13 +513,13 @@ class Bench:
 def machine() -> str:
     cpu = "unknown CPU"
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
+        cpu = next(row.split(":", 1)[1].strip() for row in Path("/proc/cpuinfo").read_text().splitlines()
+                   if row.startswith("model name"))
     except (OSError, StopIteration):
         pass
     try:
-        kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
-                  if l.startswith("MemTotal:"))
+        kb = next(int(row.split()[1]) for row in Path("/proc/meminfo").read_text().splitlines()
+                  if row.startswith("MemTotal:"))
         memory = f"{kb / 1024 / 1024:.1f} GiB"
     except (OSError, StopIteration):
         memory = "?"

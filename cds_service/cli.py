@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -275,9 +276,38 @@ def _check_policy(args: argparse.Namespace) -> int:
     return 2 if malformed else 1 if failed else 0
 
 
+def _since(value: str) -> datetime:
+    from cds_service.report.render import parse_since
+
+    try:
+        return parse_since(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cds_service.report.render import write_report
+
+    return write_report(args.since, args.format, args.output)
+
+
+def _call(args: argparse.Namespace) -> int:
+    from cds_service.tools.call import call
+
+    return call(args.url, args.file, key=args.key, iss=args.iss, kid=args.kid, alg=args.alg,
+                json_output=args.json, timeout=args.timeout)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from cds_service.tools.call import keys
+
+    return keys(args.alg, args.kid, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from cds_service.report import render as report
-    from cds_service.tools import call as client
+    from cds_service.auth.keysets import ALGORITHMS
+    from cds_service.report.render import FORMATS
+    from cds_service.tools.call import DEFAULT_KEY_FILE
 
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -302,9 +332,41 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a pack folder or a cards/ folder (default: the configured cards folder, CDS_CARDS_DIR)")
     check.set_defaults(func=_check_policy)
 
-    report.configure_parser(commands.add_parser("report", help="how clinicians answered the cards"))
-    client.configure_call_parser(commands.add_parser("call", help="fire a hook request at a CDS service"))
-    client.configure_keys_parser(commands.add_parser("keys", help="make a key pair and print its JWKS"))
+    report = commands.add_parser(
+        "report", help="how clinicians answered the cards",
+        description="How clinicians answered the cards: cards issued, feedback, acceptance and override rates, "
+                    "alternatives chosen, override reasons, per policy version. Reads the database named by "
+                    "CDS_DATABASE_URL.")
+    report.add_argument("--since", type=_since, metavar="DATE",
+                        help="only cards issued and feedback given from this UTC date (YYYY-MM-DD) on")
+    report.add_argument("--format", choices=FORMATS, default="table",
+                        help="table (default), csv, json, or html (one self-contained page with charts)")
+    report.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
+    report.set_defaults(func=_report)
+
+    call = commands.add_parser(
+        "call", help="fire a hook request at a CDS service",
+        description="POST a CDS Hooks request file to a CDS service endpoint, print the cards and the latency, "
+                    "and check the response against CDS Hooks 2.0 (exit 1 when it does not conform).")
+    call.add_argument("url", metavar="URL", help="the service endpoint, e.g. https://host/cds-services/<id>")
+    call.add_argument("file", metavar="FILE", help="a JSON hook request file (e.g. one of fixtures/)")
+    call.add_argument("--key", metavar="PEM", help="sign a fresh JWT with this private key (EC P-384 or RSA)")
+    call.add_argument("--iss", help="the JWT issuer (the client id the service has registered); needs --key")
+    call.add_argument("--kid", help="the key id in the JWT header (default: the key's RFC 7638 thumbprint)")
+    call.add_argument("--alg", choices=ALGORITHMS, help="check the key signs with this algorithm")
+    call.add_argument("--json", action="store_true", help="print the raw response body instead of the cards")
+    call.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
+    call.set_defaults(func=_call)
+
+    keys = commands.add_parser(
+        "keys", help="make a key pair and print its JWKS",
+        description="Make a key pair for signing CDS Hooks calls: writes the private key (PEM) and prints the "
+                    "public JWKS to register with the CDS service.")
+    keys.add_argument("--alg", choices=ALGORITHMS, default="ES384", help="ES384 (default) or RS384")
+    keys.add_argument("--kid", help="key id (default: the key's RFC 7638 thumbprint)")
+    keys.add_argument("--out", metavar="PEM", default=DEFAULT_KEY_FILE,
+                      help=f"where to write the private key (default {DEFAULT_KEY_FILE}; never overwritten)")
+    keys.set_defaults(func=_keys)
     return parser
 
 

@@ -6,7 +6,8 @@ built query, next links and redirects; a path that some server could resolve abo
 `%2e%2e`, `%2f..`, a backslash or `..;/`, is refused, not sent), responses are size-capped, and all fetches
 of one hook call share one time budget (CDS_FHIR_TIMEOUT) that bounds every socket read and write too, so a
 server that trickles its answer cannot hold a fetch thread past the budget. Failures never raise: the key
-is reported as failed and a warning is logged, naming the key and the reason only — never a URL (it carries the patient id), a token or a resource.
+is reported as failed and a warning is logged, naming the key and the reason only — never a URL (it carries
+the patient id), a token or a resource.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
@@ -95,7 +97,7 @@ class FhirBase:
         return self.origin + self.path
 
     @classmethod
-    def parse(cls, value: str) -> "FhirBase | None":
+    def parse(cls, value: str) -> FhirBase | None:
         try:
             parts = urlsplit(value.strip())
             scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
@@ -179,7 +181,7 @@ class _DeadlineSocket:
             return
         left = deadline - time.monotonic()
         if left <= 0:
-            raise socket.timeout("the fetch's time budget is spent")
+            raise TimeoutError("the fetch's time budget is spent")
         self._sock.settimeout(left)
 
     def recv(self, *args: Any) -> bytes:
@@ -206,7 +208,7 @@ class _DeadlineSocket:
             raise ValueError(f"unsupported mode {mode!r}")
         # As socket.makefile does: the descriptor stays open until this reader is closed too, even when the
         # connection closes the socket first (http.client does on a `Connection: close` answer).
-        self._sock._io_refs += 1
+        self._sock._io_refs += 1  # type: ignore[attr-defined]  # socket's own counter, not in the stubs
         return io.BufferedReader(socket.SocketIO(self, "rb"), io.DEFAULT_BUFFER_SIZE)  # type: ignore[arg-type]
 
 
@@ -313,7 +315,7 @@ class FhirReader:
             urllib3_log.setLevel(logging.INFO)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "FhirReader":
+    def from_settings(cls, settings: Any) -> FhirReader:
         return cls(settings.fhir_allowed_origins, settings.fhir_timeout)
 
     def allows(self, base: FhirBase) -> bool:
@@ -336,9 +338,8 @@ class FhirReader:
             return FetchOutcome()
         usable, token = bearer_token(authorization)
         if not usable or self.budget <= 0:
-            reason = "fhirAuthorization has no usable bearer access_token" if not usable else "no time budget"
-            log.warning("hookInstance=%s: not fetching %s from %s: %s", hook, ", ".join(queries), base.origin,
-                        reason)
+            why = "fhirAuthorization has no usable bearer access_token" if not usable else "no time budget"
+            log.warning("hookInstance=%s: not fetching %s from %s: %s", hook, ", ".join(queries), base.origin, why)
             return FetchOutcome(failed=frozenset(queries), attempted=True)
 
         started = time.monotonic()

@@ -17,15 +17,19 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jwt
 import pytest
 import requests
+from conftest import free_port, load_fixture
 from cryptography.hazmat.primitives import serialization
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -36,7 +40,6 @@ from cds_service.auth.keysets import JWKS_MIN_REFRESH, KeySetCache, KeySetError,
 from cds_service.config import ConfigError, Settings
 from cds_service.errors import ApiError
 from cds_service.storage.store import Store
-from conftest import free_port, load_fixture
 
 PUBLIC = "https://cds.example.test"
 ISS = "https://ehr.example.org"

@@ -11,12 +11,12 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import conftest
 import jwt
 import pytest
+from conftest import FIXTURES, free_port, load_fixture
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-import conftest
-from conftest import FIXTURES, free_port, load_fixture
 from cds_service.cli import main
 from cds_service.tools.conformance import check_response
 from cds_service.tools.signing import thumbprint

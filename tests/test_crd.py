@@ -4,22 +4,21 @@ and the Propose Alternate Request card (checked against the CRD IG STU 2.1/2.2 a
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from datetime import date, datetime, timezone
 from typing import Any
 
 import pytest
+from conftest import load_fixture
 from fhir.resources.R4B.extension import Extension
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
-from conftest import load_fixture
-from cds_service.pipeline import crd
 from cds_service.config import Settings
+from cds_service.pipeline import crd
 from cds_service.pipeline.decide import Decision
 from cds_service.pipeline.detect import Match
-from cds_service.pipeline.eligibility import ChiroStatus, PlanStatus
-from cds_service.pipeline.policy import load_catalogue, PolicyError, load_policies
+from cds_service.pipeline.eligibility import PlanStatus
+from cds_service.pipeline.policy import PolicyError, load_catalogue, load_policies
 
 SERVICE = {"order-select": "sacroplasty-order-select", "order-sign": "sacroplasty-order-sign"}
 FIXTURE = "order-select-sacroplasty-cpt.json"
@@ -306,7 +305,7 @@ def test_different_coverages_get_different_assertion_ids() -> None:
     coverages = [{"resourceType": "Coverage", "id": cid} for cid in ("cov-a", "cov-b", "cov-a")]
     decisions = [Decision(order, Match(rule="code", evidence="test"),
                           PlanStatus(applies=True, coverage=coverage, note=None), {}, policy=policy)
-                 for order, coverage in zip(orders, coverages)]
+                 for order, coverage in zip(orders, coverages, strict=True)]
     actions = crd.coverage_actions(decisions, date(2026, 1, 2))
     by_coverage: dict[str, set[str]] = {}
     for action in actions:

@@ -8,21 +8,22 @@ import json
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from datetime import date, datetime, timezone
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
+from conftest import load_fixture
 from pytest_httpserver import HTTPServer
+from test_api import post
+from test_eligibility import chiro_label, notes_in, shifted
 from werkzeug import Request, Response
 
 from cds_service import create_app
 from cds_service.config import Settings
 from cds_service.fhir import FhirBase, FhirReader, bearer_token, normalize_origin
 from cds_service.pipeline.policy import load_policies
-from conftest import load_fixture
-from test_api import post
-from test_eligibility import chiro_label, notes_in, shifted
 
 POLICY = load_policies(Settings().cards_dir)[0]
 MESSAGES = POLICY.messages

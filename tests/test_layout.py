@@ -18,7 +18,7 @@ MAY_IMPORT = {
     "storage": set(),
     "auth": {"storage"},
     "report": {"storage", "pipeline"},
-    "tools": set(),
+    "tools": {"auth"},  # the one list of JWT algorithms (auth/keysets.py)
     "serving": set(),
     "fhir": {"pipeline"},
     "web": {"pipeline", "storage", "auth", "fhir"},

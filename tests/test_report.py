@@ -14,6 +14,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import free_port
+from test_store import card_row, database_url, feedback_row  # noqa: F401 - database_url is a fixture
 
 from cds_service import cli
 from cds_service.config import Settings
@@ -21,8 +23,6 @@ from cds_service.pipeline.policy import load_policies
 from cds_service.report.figures import Day
 from cds_service.report.html import day_chart
 from cds_service.storage.store import Store
-from conftest import free_port
-from test_store import card_row, database_url, feedback_row  # noqa: F401 - database_url is a fixture
 
 POLICY = load_policies(Settings().cards_dir)[0]
 LABEL = {a.id: a.label for a in POLICY.alternatives}
@@ -205,8 +205,8 @@ def test_table_is_plain_readable_text(seeded: str, capsys) -> None:
     assert re.search(r"Accepted\s+5\s+\(55\.6% of feedback\)", everything)
     assert re.search(r"Overridden\s+4\s+\(44\.4% of feedback\)", everything)
     assert re.search(re.escape(LABEL["facet-joint-injection"]) + r"\s+2\n", everything)
-    assert re.search(r"coverage-determination-or-appeal \(" + re.escape(REASON_DISPLAY["coverage-determination-or-appeal"]) + r"\)\s+1",
-                     everything)
+    reason = "coverage-determination-or-appeal"
+    assert re.search(reason + r" \(" + re.escape(REASON_DISPLAY[reason]) + r"\)\s+1", everything)
     assert re.search(r"other-reason \(Some other reason\)\s+1", everything)
     assert re.search(r"no reason given\s+1", everything)
     old = _section(out, "Policy version 2019-03")

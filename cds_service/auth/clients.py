@@ -6,9 +6,10 @@ Read once at start; a missing or malformed file stops the service with a message
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import jwt

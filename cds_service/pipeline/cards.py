@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from string import Template
-from typing import Any, Iterator
+from typing import Any
 
 from cds_service.pipeline import limits
 from cds_service.pipeline.decide import Decision

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from cds_service.pipeline.decide import Decision
 from cds_service.errors import bad_request
+from cds_service.pipeline.decide import Decision
 from cds_service.pipeline.patient import FHIR_ID
 from cds_service.pipeline.policy import Policy, PolicyError
 from cds_service.pipeline.validation import order_errors
@@ -115,8 +115,9 @@ def _refers_to(extension: Any, reference: str) -> bool:
         return False
     for sub in _sub_extensions(extension):
         value = sub.get("valueReference")
-        if sub.get("url") == "coverage" and isinstance(value, dict) and isinstance(value.get("reference"), str):
-            return value["reference"] == reference or value["reference"].endswith("/" + reference)
+        target = value.get("reference") if isinstance(value, dict) else None
+        if sub.get("url") == "coverage" and isinstance(target, str):
+            return target == reference or target.endswith("/" + reference)
     return False
 
 

@@ -6,7 +6,8 @@ refuse a malformed Bundle (a hook request, a FHIR server's answer) do so when `b
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def bundle_entries(value: Any) -> list[Any] | None:

@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
+from cds_service.errors import ApiError, bad_request, too_large
 from cds_service.pipeline import limits
 from cds_service.pipeline.fhirjson import bundle_entries, entry_resources
-from cds_service.errors import ApiError, bad_request, too_large
 
 JUDGED_STATUSES = {"draft", "active"}
 
@@ -35,19 +35,18 @@ class HookRequest:
     extension: dict[str, Any] = field(default_factory=dict)
 
 
-def _string(container: dict[str, Any], key: str, where: str, required: bool = True) -> str | None:
+def _string(container: dict[str, Any], key: str, where: str) -> str:
+    """A required, non-empty string field; 400 naming it otherwise."""
     value = container.get(key)
-    if value is None and not required:
-        return None
     if not isinstance(value, str) or not value.strip():
         raise bad_request(f"{where}{key} must be a non-empty string", f"{where}{key}")
     return value
 
 
-def _identifier(container: dict[str, Any], key: str, where: str, required: bool = True) -> str | None:
+def _identifier(container: dict[str, Any], key: str, where: str) -> str:
     """A context id: a non-empty string of at most MAX_ID_LENGTH characters (it is echoed into created orders)."""
-    value = _string(container, key, where, required)
-    if value is not None and len(value) > limits.MAX_ID_LENGTH:
+    value = _string(container, key, where)
+    if len(value) > limits.MAX_ID_LENGTH:
         raise bad_request(f"{where}{key} is {len(value)} characters long; an id has at most "
                           f"{limits.MAX_ID_LENGTH}", f"{where}{key}")
     return value
@@ -116,7 +115,8 @@ def _check_cost(entries: list[Any]) -> None:
                 raise too_large(excess.what, limits.describe(excess, field), field)
         if not limits.SHORTCUTS or len(raw) > limits.MAX_COPIED_BYTES:  # else what it copies is smaller still
             _within_copied(resource, f"context.draftOrders.entry[{index}].resource")
-        if not limits.SHORTCUTS or raw.count(b",") >= smallest_array_cap:  # else no array can hold more than any array cap
+        # else no array can hold more than any array cap
+        if not limits.SHORTCUTS or raw.count(b",") >= smallest_array_cap:
             _within_arrays(resource, f"context.draftOrders.entry[{index}].resource")
         total += count
     if total > limits.MAX_DRAFT_ELEMENTS:  # on bounds, maybe: count exactly before refusing
@@ -158,7 +158,7 @@ def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookReque
     patient_id = _identifier(context, "patientId", "context.")
     encounter_id = context.get("encounterId") if isinstance(context.get("encounterId"), str) else None
     if encounter_id is not None:
-        encounter_id = _identifier(context, "encounterId", "context.", required=False)
+        encounter_id = _identifier(context, "encounterId", "context.")
 
     bundle = context.get("draftOrders")
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
@@ -205,5 +205,5 @@ def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookReque
         fhir_server=fhir_server,
         fhir_authorization=fhir_authorization,
         prefetch=prefetch,
-        extension=extension,
+        extension=extension if isinstance(extension, dict) else {},
     )

@@ -162,7 +162,7 @@ def gather(hook_request: HookRequest, fhir: FhirFetcher | None = None) -> Patien
             log.warning("hookInstance=%s: prefetch %s is not FHIR %s data; treated as not sent",
                         hook, key, RESOURCE_TYPES[key])
     missing = [k for k in FETCHED_KEYS if k not in values and k not in unavailable]
-    if missing and fhir is not None:
+    if missing and fhir is not None and hook_request.fhir_server:
         if FHIR_ID.fullmatch(hook_request.patient_id):
             queries = {k: fallback_query(k, hook_request.patient_id) for k in missing}
             outcome = fhir.fetch(hook_request.fhir_server, hook_request.fhir_authorization, queries,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from cds_service.report.figures import Figures, Report, ranked
 from cds_service.safetext import csv_cell

@@ -134,7 +134,7 @@ class PolicyLabels:
     reasons: dict[str, str]                  # override reason code → display
 
     @classmethod
-    def load(cls, cards_dir: Path) -> "PolicyLabels":
+    def load(cls, cards_dir: Path) -> PolicyLabels:
         from cds_service.pipeline.policy import PolicyError, load_policies
 
         try:

@@ -9,7 +9,6 @@ from typing import Any
 
 from cds_service.report.figures import MAX_REPORT_DAYS, Day, Figures, Report, percent, ranked
 
-
 CHART_WIDTH = 760
 
 

@@ -18,16 +18,22 @@ escaped, CSV cells cannot run as spreadsheet formulas, the table shows control c
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Callable
 from datetime import date, datetime, time, timezone
 from pathlib import Path
-from typing import Callable
 
 from cds_service.config import Settings
 from cds_service.report.csv_out import render_csv
 from cds_service.report.figures import (
-    MAX_REPORT_DAYS, Day, Figures, PolicyLabels, Report, ReportError, build_report, gather,
+    MAX_REPORT_DAYS,
+    Day,
+    Figures,
+    PolicyLabels,
+    Report,
+    ReportError,
+    build_report,
+    gather,
 )
 from cds_service.report.html import bar_chart, day_chart, render_html
 from cds_service.report.json_out import render_json
@@ -79,28 +85,3 @@ def write_report(since: datetime | None, fmt: str = "table", output: str | None 
         return 1
     print(f"wrote {fmt} report to {output}", file=sys.stderr)
     return 0
-
-
-# --- until cli.py builds this parser itself (issue 14: every argument parser in cli.py) --------------------
-
-def _since_argument(value: str) -> datetime:
-    try:
-        return parse_since(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def run(args: argparse.Namespace) -> int:
-    return write_report(args.since, args.format, args.output)
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("How clinicians answered the cards: cards issued, feedback, acceptance and override "
-                          "rates, alternatives chosen, override reasons, per policy version. Reads the database "
-                          "named by CDS_DATABASE_URL.")
-    parser.add_argument("--since", type=_since_argument, metavar="DATE",
-                        help="only cards issued and feedback given from this UTC date (YYYY-MM-DD) on")
-    parser.add_argument("--format", choices=FORMATS, default="table",
-                        help="table (default), csv, json, or html (one self-contained page with charts)")
-    parser.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
-    parser.set_defaults(func=run)

@@ -7,24 +7,29 @@ error (unreadable file or key, bad URL, service unreachable).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 import sys
 import textwrap
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from cryptography.hazmat.primitives import serialization
 
-from cds_service.auth.keysets import ALGORITHMS
 from cds_service.safetext import printable
 from cds_service.tools.conformance import Conformance, check_response
 from cds_service.tools.signing import (
-    UsageError, algorithm_for, generate_key, load_private_key, make_token, public_jwk, read_file,
+    UsageError,
+    algorithm_for,
+    generate_key,
+    load_private_key,
+    make_token,
+    public_jwk,
+    read_file,
 )
 
 DEFAULT_KEY_FILE = "cds-client-key.pem"
@@ -250,30 +255,3 @@ def keys(alg: str = "ES384", kid: str | None = None, out: str = DEFAULT_KEY_FILE
           f"then: cds-service call URL FILE --key {out} --iss YOUR-ISSUER --kid {jwk['kid']}",
           file=sys.stderr)
     return 0
-
-
-# --- until cli.py builds these parsers itself (issue 14: every argument parser in cli.py) -------------
-
-def configure_call_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("POST a CDS Hooks request file to a CDS service endpoint, print the cards and the "
-                          "latency, and check the response against CDS Hooks 2.0 (exit 1 when it does not conform).")
-    parser.add_argument("url", metavar="URL", help="the service endpoint, e.g. https://host/cds-services/<id>")
-    parser.add_argument("file", metavar="FILE", help="a JSON hook request file (e.g. one of fixtures/)")
-    parser.add_argument("--key", metavar="PEM", help="sign a fresh JWT with this private key (EC P-384 or RSA)")
-    parser.add_argument("--iss", help="the JWT issuer (the client id the service has registered); needs --key")
-    parser.add_argument("--kid", help="the key id in the JWT header (default: the key's RFC 7638 thumbprint)")
-    parser.add_argument("--alg", choices=ALGORITHMS, help="check the key signs with this algorithm")
-    parser.add_argument("--json", action="store_true", help="print the raw response body instead of the cards")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
-    parser.set_defaults(func=lambda args: call(args.url, args.file, key=args.key, iss=args.iss, kid=args.kid,
-                                             alg=args.alg, json_output=args.json, timeout=args.timeout))
-
-
-def configure_keys_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Make a key pair for signing CDS Hooks calls: writes the private key (PEM) and prints "
-                          "the public JWKS to register with the CDS service.")
-    parser.add_argument("--alg", choices=ALGORITHMS, default="ES384", help="ES384 (default) or RS384")
-    parser.add_argument("--kid", help="key id (default: the key's RFC 7638 thumbprint)")
-    parser.add_argument("--out", metavar="PEM", default=DEFAULT_KEY_FILE,
-                        help=f"where to write the private key (default {DEFAULT_KEY_FILE}; never overwritten)")
-    parser.set_defaults(func=lambda args: keys(args.alg, args.kid, args.out))
