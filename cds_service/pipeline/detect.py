@@ -19,7 +19,7 @@ never raises: anything of the wrong shape is simply not evidence. The cost is bo
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -194,6 +194,10 @@ def _phrases(specs: Any) -> tuple[Phrase, ...]:
     return tuple(p for p in phrases if all(t.word for t in p.terms))
 
 
+# a phrase list indexed for `Matcher.find`: by exact first word, the others, and the list itself (keeps its id alive)
+_PhraseIndex = tuple[dict[str, tuple[Phrase, ...]], tuple[Phrase, ...], tuple[Phrase, ...]]
+
+
 class Matcher:
     """Finds phrases in a token list. Fuzzy terms also match 2 or 3 adjacent tokens joined.
 
@@ -203,7 +207,7 @@ class Matcher:
 
     def __init__(self, edits: int) -> None:
         self.edits = edits
-        self._indexes: dict[int, tuple[dict[str, tuple[Phrase, ...]], tuple[Phrase, ...], tuple[Any, ...]]] = {}
+        self._indexes: dict[int, _PhraseIndex] = {}
         self._pieces: dict[str, tuple[tuple[str, int], ...]] = {}
 
     def _offsets(self, word: str) -> tuple[tuple[str, int], ...]:
@@ -213,7 +217,7 @@ class Matcher:
             offset += len(piece)
         return tuple(out)
 
-    def _index(self, phrases: tuple[Phrase, ...]):
+    def _index(self, phrases: tuple[Phrase, ...]) -> _PhraseIndex:
         index = self._indexes.get(id(phrases))
         if index is None:
             by_first: dict[str, list[Phrase]] = {}
@@ -336,7 +340,7 @@ class Site:
         self.rules = rules
         self.matcher = matcher
         # catalogue texts repeat from order to order: analyse each token tuple once (bounded cache)
-        self.mentions = lru_cache(maxsize=CACHE_SIZE)(self._mentions)  # type: ignore[method-assign]
+        self.mentions = lru_cache(maxsize=CACHE_SIZE)(self._mentions)
 
     def _mentions(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
         """Token positions of sacral mentions that name a treated level (plain), of those that name a
@@ -411,7 +415,7 @@ class Site:
             out.add(words[j])
         return out
 
-    def _history_ranges(self, words: Sequence[str]):
+    def _history_ranges(self, words: Sequence[str]) -> Callable[[int], bool]:
         """A predicate: is position i governed by a history cue (see `governed`)?"""
         flags = governed(words, (end for _, end in self.matcher.find(self.rules.history_before, words)),
                          (end for _, end in self.matcher.find(self.rules.history_next, words)),
@@ -466,7 +470,7 @@ class Negation:
     def __init__(self, context: Context, matcher: Matcher) -> None:
         self.context = context
         self.matcher = matcher
-        self.cues = lru_cache(maxsize=CACHE_SIZE)(self._cues)  # type: ignore[method-assign]
+        self.cues = lru_cache(maxsize=CACHE_SIZE)(self._cues)
 
     def _cues(self, words: tuple[str, ...]) -> Cues:
         find = self.matcher.find
@@ -527,12 +531,16 @@ def _system_key(system: str) -> str:
 _MODIFIERS = re.compile(r"([0-9A-Z]{5})((?:[\s\-:]+[0-9A-Z]{2}){1,4})")
 
 
+# (code system label, code) -> (evidence, laterality)
+_CodeTable = dict[tuple[str, str], tuple[str, str | None]]
+
+
 class Detector:
     """Compiled detection rules of one policy. Build once; `match` is cheap and never raises."""
 
     def __init__(self, policy: Policy) -> None:
         data = policy.detection if isinstance(policy.detection, dict) else {}
-        text = data.get("text") if isinstance(data.get("text"), dict) else {}
+        text = _dict(data.get("text"))
         self._max_chars = _int(text.get("max_chars"), 300, 20, 5000)
         self._max_texts = _int(text.get("max_texts"), 12, 1, 100)
         self._matcher = Matcher(_int(text.get("fuzzy_edits"), 2, 0, 3))
@@ -551,7 +559,7 @@ class Detector:
                         self._systems[_system_key(uri)] = label
         self._system_labels: dict[str, str] = {}  # as sent -> label, cached
         # (label, code) -> (evidence, laterality)
-        self._codes: dict[tuple[str, str], tuple[str, str | None]] = {}
+        self._codes: _CodeTable = {}
         for entry in _dicts(data.get("codes")):
             self._add_codes(self._codes, entry, entry.get("laterality"))
         no_system = _dict(data.get("codes_without_system"))
@@ -568,7 +576,7 @@ class Detector:
                 except re.error:
                     continue  # a broken format checks nothing (every code is read as valid)
         # unlisted-procedure and image-guidance codes: they name no procedure, so the words decide
-        self._naming_no_procedure: dict[tuple[str, str], tuple[str, str | None]] = {}
+        self._naming_no_procedure: _CodeTable = {}
         for entry in _dicts(_dict(data.get("codes_naming_no_procedure")).get("codes")):
             self._add_codes(self._naming_no_procedure, entry, None)
         bilateral = data.get("bilateral_modifiers", [])
@@ -576,14 +584,15 @@ class Detector:
             if isinstance(bilateral, list) else set()
 
         va = _dict(data.get("vertebral_augmentation"))
-        self._va_codes: dict[tuple[str, str], tuple[str, str | None]] = {}
+        self._va_codes: _CodeTable = {}
         for entry in _dicts(va.get("codes")):
             self._add_codes(self._va_codes, entry, None)
         self._site_codes = set()
         for entry in _dicts(va.get("sacral_site_codes")):
-            label = self._systems.get(_system_key(entry["system"])) if isinstance(entry.get("system"), str) else None
-            if label and isinstance(entry.get("code"), str):
-                self._site_codes.add((label, entry["code"].strip().upper()))
+            site_label = self._systems.get(_system_key(entry["system"])) if isinstance(entry.get("system"), str) \
+                else None
+            if site_label and isinstance(entry.get("code"), str):
+                self._site_codes.add((site_label, entry["code"].strip().upper()))
 
         context = Context.load(data.get("not_an_order"))
         self._site = Site(SiteRules.load(data.get("sacral_site"), context.modifiers, context.after_head),
@@ -610,7 +619,7 @@ class Detector:
         if self._screen and not self.screen_is_sound():
             self._screen = ()
 
-    def _add_codes(self, table: dict, entry: dict[str, Any], laterality: Any) -> None:
+    def _add_codes(self, table: _CodeTable, entry: dict[str, Any], laterality: object) -> None:
         code = entry.get("code")
         systems = entry.get("systems")
         if not isinstance(code, str) or not isinstance(systems, list):

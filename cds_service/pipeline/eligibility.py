@@ -189,7 +189,8 @@ class CodeIndex:
             if not isinstance(coding, dict) or not isinstance(coding.get("system"), str) \
                     or not isinstance(coding.get("code"), str):
                 continue
-            system = self.aliases.get(coding["system"], coding["system"])
+            sent: str = coding["system"]
+            system = self.aliases.get(sent, sent)
             code = _code_key(system, coding["code"])
             if (system, code) in self.exact:
                 found.add(self.exact[(system, code)])
@@ -240,7 +241,8 @@ def date_range(value: Any) -> tuple[date, date] | None:
     match = DATE.fullmatch(value.strip()) if isinstance(value, str) else None
     if not match:
         return None
-    year, month, day = (int(g) if g else None for g in match.groups())
+    year = int(match.group(1))  # always there: the pattern requires it
+    month, day = (int(g) if g else None for g in match.groups()[1:])
     try:
         if month is None:
             return date(year, 1, 1), date(year, 12, 31)
@@ -371,8 +373,8 @@ def order_reasons(order: dict[str, Any], conditions_by_reference: dict[str, dict
     """The order's reasonCode concepts, and the codes of the Conditions its reasonReference points to that
     came with the call (contained in the order, or in the prefetched conditions); refuted ones are ignored."""
     concepts = _one_or_many(order.get("reasonCode"))  # a lone object is read too, as the hook parser allows
-    references = [r.get("reference") for r in _one_or_many(order.get("reasonReference")) if isinstance(r, dict)]
-    references = [r for r in references if isinstance(r, str) and r]
+    sent = [r.get("reference") for r in _one_or_many(order.get("reasonReference")) if isinstance(r, dict)]
+    references = [r for r in sent if isinstance(r, str) and r]
     if not references:
         return concepts
     contained = {r["id"]: r for r in _as_list(order.get("contained")) if isinstance(r, dict)

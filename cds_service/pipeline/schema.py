@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from string import Template
 from typing import Annotated, Any, Literal
@@ -29,6 +29,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 
 class PolicyError(Exception):
@@ -397,7 +398,7 @@ def _dotted(loc: Iterable[Any]) -> str:
     return out or "(top level)"
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     kind = error.get("type")
     if kind == "extra_forbidden":
         return "unknown key (a typo? comments start with '_')"
@@ -438,12 +439,25 @@ def parse(model: type[Any], path: Path, data: Any | None = None) -> Any:
 
 def template_problems(path: Path, field: str, text: str, allowed: frozenset[str]) -> list[str]:
     """Placeholders of a string.Template text that the code does not fill, or a stray "$"."""
-    template = Template(text)
-    if not template.is_valid():
+    identifiers = _placeholders(text)
+    if identifiers is None:
         return [f"{path}: {field}: a '$' that starts no placeholder (write $$ for a dollar sign)"]
-    unknown = sorted(set(template.get_identifiers()) - allowed)
+    unknown = sorted(identifiers - allowed)
     return [f"{path}: {field}: unknown placeholder ${name} (this text can use "
             f"{', '.join('$' + a for a in sorted(allowed)) or 'none'})" for name in unknown]
+
+
+def _placeholders(text: str) -> set[str] | None:
+    """The $name / ${name} placeholders of a string.Template text; None when a "$" starts none. What
+    Template.is_valid and get_identifiers tell, which Python 3.10 (still supported) does not have."""
+    names: set[str] = set()
+    for match in Template.pattern.finditer(text):
+        if match.group("invalid") is not None:
+            return None
+        name = match.group("named") or match.group("braced")
+        if name is not None:
+            names.add(name)
+    return names
 
 
 def _verbatim_problems(path: Path, field: str, text: str) -> list[str]:
@@ -511,8 +525,9 @@ def check_pack(folder: Path, policy: PolicyFile, detection: DetectionFile, alter
     labels = set(detection.code_systems)
     from cds_service.pipeline.detect import _system_key  # one normalisation of system URIs, the detector's
     known_uris = {_system_key(u) for uris in detection.code_systems.values() for u in uris}
-    entries = [("codes", detection.codes), ("vertebral_augmentation.codes", detection.vertebral_augmentation.codes),
-               ("codes_naming_no_procedure.codes", detection.codes_naming_no_procedure.codes)]
+    entries: list[tuple[str, Sequence[DetectCode | NamingNoProcedureCode]]] = [
+        ("codes", detection.codes), ("vertebral_augmentation.codes", detection.vertebral_augmentation.codes),
+        ("codes_naming_no_procedure.codes", detection.codes_naming_no_procedure.codes)]
     for field, codes in entries:
         for i, entry in enumerate(codes):
             for j, label in enumerate(entry.systems):

@@ -86,4 +86,4 @@ def configure(level: int = logging.INFO) -> None:
         logging.basicConfig(level=level, handlers=[handler])
     # The logging HOWTO's "Optimization": finding the caller's file and line walked the stack on every call.
     # Process and thread ids stay: they cost little, and gunicorn's own log format prints %(process)d.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None

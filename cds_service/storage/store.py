@@ -573,7 +573,7 @@ def _insert_ignoring_duplicates(table: Table, dialect: str, *unique: Column) -> 
     """INSERT … ON CONFLICT (unique) DO NOTHING RETURNING, for "sqlite" and "postgresql": the statement
     returns a row when it inserted, none when the row was there already."""
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(table).on_conflict_do_nothing(index_elements=list(unique)).returning(unique[0])
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+        return postgresql_insert(table).on_conflict_do_nothing(index_elements=list(unique)).returning(unique[0])
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+    return sqlite_insert(table).on_conflict_do_nothing(index_elements=list(unique)).returning(unique[0])

@@ -21,4 +21,8 @@ class FastJSONProvider(JSONProvider):
 
     def response(self, *args: Any, **kwargs: Any) -> Response:
         obj = self._prepare_response_obj(args, kwargs)
-        return self._app.response_class(orjson.dumps(obj), mimetype="application/json")
+        # JSONProvider types its app as Flask's sans-IO base, whose response class takes no body; the app
+        # this provider is installed on is a Flask app, whose response class is the full Response
+        response_class = self._app.response_class
+        assert issubclass(response_class, Response)
+        return response_class(orjson.dumps(obj), mimetype="application/json")
