@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ROOT, load_fixture
-from test_api import post
+from test_api import SERVICE, post
 
 from cds_service import create_app
 from cds_service.config import Settings
@@ -157,3 +158,26 @@ def test_check_policy_proves_the_synthetic_pack_with_its_own_examples() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "examples: 2 passed, 0 failed" in done.stdout
+
+
+def test_each_pack_in_the_report_under_its_own_pack_and_version(two_packs: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    app = app_for(two_packs, tmp_path)
+    client = app.test_client()
+    body = with_orders(load_fixture("order-select-sacroplasty-cpt.json"),
+                       [sacroplasty_order(), widgetplasty()], "order-sign")
+    cards = post(client, body).get_json()["cards"]
+    assert len(cards) == 2
+    feedback = {"feedback": [{"card": c["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-01T10:00:00Z"}
+                             for c in cards]}
+    assert client.post(f"/cds-services/{SERVICE['order-sign']}/feedback", json=feedback).status_code == 200
+    assert app.extensions["cds_store"].flush()
+    env = {**os.environ, "CDS_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "CDS_CARDS_DIR": str(two_packs)}
+    done = subprocess.run([sys.executable, "-m", "cds_service.cli", "report", "--format", "json"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    by_pack = json.loads(done.stdout)["by_policy_version"]
+    assert by_pack[f"{CCP} 2021-07.2"]["cards_issued"] == 1 and by_pack[f"{SYNTHETIC_ID} test-1"]["cards_issued"] == 1
+    assert by_pack[f"{SYNTHETIC_ID} test-1"]["overridden"] == 1

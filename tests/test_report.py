@@ -87,8 +87,8 @@ EXPECTED_ALL = {
               {LABEL["facet-joint-injection"]: 2, "(unknown suggestion)": 1, LABEL["epidural-injection"]: 1,
                "retired-alternative": 1, LABEL["trigger-point-injection"]: 1}),
     "by_policy_version": {
-        "2019-03": figures(2, 3, 1, 2, {"clinical-judgment": 1}, 1, {LABEL["epidural-injection"]: 1}),
-        "2021-07": figures(4, 5, 4, 1, {"coverage-determination-or-appeal": 1}, 0,
+        "ccp-1247-sacroplasty 2019-03": figures(2, 3, 1, 2, {"clinical-judgment": 1}, 1, {LABEL["epidural-injection"]: 1}),
+        "ccp-1247-sacroplasty 2021-07": figures(4, 5, 4, 1, {"coverage-determination-or-appeal": 1}, 0,
                            {LABEL["facet-joint-injection"]: 2, "(unknown suggestion)": 1, "retired-alternative": 1,
                             LABEL["trigger-point-injection"]: 1}),
         "unknown": figures(0, 1, 0, 1, {"other-reason": 1}, 0, {}),
@@ -100,8 +100,8 @@ EXPECTED_SINCE_MAY = {
               {LABEL["facet-joint-injection"]: 2, "(unknown suggestion)": 1, "retired-alternative": 1,
                LABEL["trigger-point-injection"]: 1}),
     "by_policy_version": {
-        "2019-03": figures(1, 2, 0, 2, {"clinical-judgment": 1}, 1, {}),
-        "2021-07": EXPECTED_ALL["by_policy_version"]["2021-07"],
+        "ccp-1247-sacroplasty 2019-03": figures(1, 2, 0, 2, {"clinical-judgment": 1}, 1, {}),
+        "ccp-1247-sacroplasty 2021-07": EXPECTED_ALL["by_policy_version"]["ccp-1247-sacroplasty 2021-07"],
         "unknown": EXPECTED_ALL["by_policy_version"]["unknown"],
     },
 }
@@ -209,9 +209,9 @@ def test_table_is_plain_readable_text(seeded: str, capsys) -> None:
     assert re.search(reason + r" \(" + re.escape(REASON_DISPLAY[reason]) + r"\)\s+1", everything)
     assert re.search(r"other-reason \(Some other reason\)\s+1", everything)
     assert re.search(r"no reason given\s+1", everything)
-    old = _section(out, "Policy version 2019-03")
+    old = _section(out, "Policy pack and version ccp-1247-sacroplasty 2019-03")
     assert re.search(r"Cards issued\s+2\n", old) and re.search(r"Overridden\s+2\s+\(66\.7%", old)
-    assert "Policy version unknown" in out
+    assert "Policy pack and version unknown" in out
     assert all(len(line) < 120 for line in out.splitlines())
     assert "\x1b" not in out  # no terminal escape codes: it can be piped or mailed
 

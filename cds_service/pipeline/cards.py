@@ -116,7 +116,7 @@ class CardBuilder:
         keys = [decision.plan.note, *(status.note for status in decision.rules.values())]
         notes = [messages[key] for key in keys if key]
         return policy.detail_template.substitute(
-            order=_markdown_text(_order_name(decision.order)),
+            order=_markdown_text(_order_name(decision.order, policy.card["unnamed_order"])),
             number=policy.number,
             revision_date=policy.revision_date,
             alternatives=policy.card["alternatives_offered"] if buttons else self._listed.substitute(
@@ -138,7 +138,8 @@ class CardBuilder:
         if reference:
             actions.append({
                 "type": "delete",
-                "description": self._delete.substitute(order=_order_name(order), number=self.policy.number),
+                "description": self._delete.substitute(order=_order_name(order, self.policy.card["unnamed_order"]),
+                                                      number=self.policy.number),
                 "resourceId": reference,
             })
         actions.append({
@@ -250,9 +251,9 @@ def _markdown_text(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()<>#+!|~-])", r"\\\1", " ".join(text.split()))
 
 
-def _order_name(order: dict[str, Any]) -> str:
+def _order_name(order: dict[str, Any], unnamed: str) -> str:
     """The order's name as the clinician knows it, at most MAX_ORDER_NAME characters."""
-    name = "sacroplasty"
+    name = unnamed
     code = order.get("code")
     if isinstance(code, dict):
         if isinstance(code.get("text"), str) and code["text"].strip():

@@ -165,6 +165,7 @@ class Card(Strict):
     also_covered: Text
     delete_description: Text
     create_description: Text
+    unnamed_order: Text  # what the card calls an order that has neither text nor code
 
 
 class Crd(Strict):

@@ -79,8 +79,11 @@ class Report:
     cut_before: date | None = None  # days before this were left out of the per-day figures (too long a period)
     cut_records: int = 0  # records on those days
 
-    def version(self, version: str | None) -> Figures:
-        return self.by_version.setdefault(version or UNKNOWN_VERSION, Figures())
+    def version(self, policy_id: str | None, version: str | None) -> Figures:
+        """The figures of one pack's version ("<policy id> <version>"): packs are counted apart even when
+        their versions are spelt alike."""
+        key = f"{policy_id} {version}" if policy_id and version else UNKNOWN_VERSION
+        return self.by_version.setdefault(key, Figures())
 
     def day(self, moment: datetime) -> Day:
         """The per-day counts of `moment`'s UTC day; a throwaway Day when it lies outside the window."""
@@ -157,12 +160,12 @@ def gather(conn: Connection, labels: PolicyLabels, since: datetime | None = None
     report.reason_displays.update(labels.reasons)
     stream = conn.execution_options(yield_per=2000)
 
-    cards = select(cards_issued.c.policy_version, cards_issued.c.issued_at)
+    cards = select(cards_issued.c.policy_id, cards_issued.c.policy_version, cards_issued.c.issued_at)
     if since is not None:
         cards = cards.where(cards_issued.c.issued_at >= since)
-    for version, issued_at in stream.execute(cards):
+    for policy_id, version, issued_at in stream.execute(cards):
         report.total.cards_issued += 1
-        report.version(version).cards_issued += 1
+        report.version(policy_id, version).cards_issued += 1
         report.day(issued_at).cards_issued += 1
 
     joined = feedback.outerjoin(cards_issued, feedback.c.card_uuid == cards_issued.c.card_uuid)
@@ -172,7 +175,7 @@ def gather(conn: Connection, labels: PolicyLabels, since: datetime | None = None
     if since is not None:
         answers = answers.where(feedback.c.outcome_timestamp >= since)
     for row in stream.execute(answers):
-        slices = (report.total, report.version(row.policy_version))
+        slices = (report.total, report.version(row.policy_id, row.policy_version))
         day = report.day(row.outcome_timestamp)
         for figures in slices:
             figures.feedback_received += 1

@@ -35,7 +35,7 @@ def _table_section(title: str, figures: Figures, displays: dict[str, str]) -> li
 def render_table(report: Report) -> str:
     """Plain text for a terminal; every line is made printable (client text may hold escape sequences)."""
     period = f"since {report.since.isoformat()}" if report.since else "all records"
-    lines = ["Sacroplasty coverage cards: how clinicians answered",
+    lines = ["Coverage cards: how clinicians answered",
              f"Period: {period} (UTC); generated {report.generated_at.isoformat(timespec='seconds')}",
              "Rates are shares of the feedback received."]
     note = report.day_note()
@@ -45,5 +45,5 @@ def render_table(report: Report) -> str:
     lines += _table_section("All policy versions", report.total, report.reason_displays)
     for version, figures in sorted(report.by_version.items()):
         lines.append("")
-        lines += _table_section(f"Policy version {version}", figures, report.reason_displays)
+        lines += _table_section(f"Policy pack and version {version}", figures, report.reason_displays)
     return "\n".join(printable(line) for line in lines) + "\n"
