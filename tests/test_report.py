@@ -87,7 +87,8 @@ EXPECTED_ALL = {
               {LABEL["facet-joint-injection"]: 2, "(unknown suggestion)": 1, LABEL["epidural-injection"]: 1,
                "retired-alternative": 1, LABEL["trigger-point-injection"]: 1}),
     "by_policy_version": {
-        "ccp-1247-sacroplasty 2019-03": figures(2, 3, 1, 2, {"clinical-judgment": 1}, 1, {LABEL["epidural-injection"]: 1}),
+        "ccp-1247-sacroplasty 2019-03": figures(2, 3, 1, 2, {"clinical-judgment": 1}, 1,
+                                                {LABEL["epidural-injection"]: 1}),
         "ccp-1247-sacroplasty 2021-07": figures(4, 5, 4, 1, {"coverage-determination-or-appeal": 1}, 0,
                            {LABEL["facet-joint-injection"]: 2, "(unknown suggestion)": 1, "retired-alternative": 1,
                             LABEL["trigger-point-injection"]: 1}),
