@@ -16,11 +16,11 @@ from cds_service.pipeline.decide import Finding, decide
 from cds_service.pipeline.eligibility import (
     PayerMatcher,
     ValueSet,
-    chiropractic_status,
     date_range,
     is_active,
     onset_window,
     patient_chiropractic,
+    patient_contraindications,
     plan_status,
 )
 from cds_service.pipeline.hooks import parse_hook_request
@@ -29,6 +29,13 @@ from cds_service.pipeline.policy import load_policies
 from cds_service.web.policy_page import page_markdown
 
 POLICY = load_policies(Settings().cards_dir)[0]
+
+
+def chiropractic_status(ctx: PatientContext, policy, today: date, order: dict[str, Any] | None = None):
+    """The chiropractic rule's answer for one order, composed as decide() does (patient part, then the order's)."""
+    recorded = patient_contraindications(ctx, policy)
+    kinds = recorded.for_order(order) if isinstance(order, dict) else recorded.kinds
+    return patient_chiropractic(ctx, policy, today).for_order(order, policy, kinds)
 MESSAGES = POLICY.messages
 FIXTURE_DAY = date(2026, 11, 25)  # authoredOn of the patient-* fixtures
 TODAY = date(2031, 3, 15)  # unit tests pass their own "today"

@@ -13,11 +13,12 @@ from conftest import load_fixture
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from test_eligibility import chiropractic_status
 
 from cds_service.config import Settings
 from cds_service.fhir import FetchOutcome, FhirReader
 from cds_service.pipeline import limits
-from cds_service.pipeline.eligibility import chiropractic_status, plan_status
+from cds_service.pipeline.eligibility import plan_status
 from cds_service.pipeline.hooks import parse_hook_request
 from cds_service.pipeline.patient import PREFETCH_TEMPLATES, fallback_query, gather
 from cds_service.pipeline.policy import load_policies

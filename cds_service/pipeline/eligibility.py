@@ -420,12 +420,3 @@ def patient_chiropractic(ctx: PatientContext, policy: Policy, today: date) -> Pa
         else:
             status = ChiroStatus(False, "chiro_too_late")
     return PatientChiro(radiculopathy, status, by_reference)
-
-
-def chiropractic_status(ctx: PatientContext, policy: Policy, today: date,
-                        order: dict[str, Any] | None = None) -> ChiroStatus:
-    """May chiropractic manipulation be offered instead of this sacroplasty order? (For many orders of one call,
-    compute `patient_chiropractic` once and call its `for_order`.)"""
-    kinds = patient_contraindications(ctx, policy).for_order(order) if isinstance(order, dict) \
-        else patient_contraindications(ctx, policy).kinds
-    return patient_chiropractic(ctx, policy, today).for_order(order, policy, kinds)

@@ -95,14 +95,6 @@ def _parse_rfc3339(value: str) -> datetime | None:
         raise _OutOfRange(value) from None
 
 
-def parse_timestamp(value: str) -> datetime | None:
-    """An RFC 3339 date-time as an aware UTC datetime, or None when it is not one (or has no UTC value)."""
-    try:
-        return _parse_rfc3339(value)
-    except _OutOfRange:
-        return None
-
-
 def timestamp_window(now: datetime) -> tuple[datetime, datetime]:
     """The outcomeTimestamps accepted at `now`: from EARLIEST_TIMESTAMP to FUTURE_TOLERANCE ahead."""
     return EARLIEST_TIMESTAMP, now + FUTURE_TOLERANCE

@@ -127,7 +127,8 @@ class StoreUnavailable(Exception):
 class InvalidRecord(StoreUnavailable):
     """A record the database can never hold: a permanent error for that record, never worth a retry.
 
-    `column` is the column at fault ("-" when the database did not say), `reason` one of REASONS.
+    `column` is the column at fault ("-" when the database did not say),
+    `reason` one of TOO_LONG, NUL_CHARACTER, UNENCODABLE, BAD_TYPE, MISSING, CONSTRAINT, REFUSED.
     The message names the table, column and reason only, never the value (it may be patient data)."""
 
     def __init__(self, table: str, column: str, reason: str, index: int | None = None) -> None:
@@ -143,7 +144,6 @@ BAD_TYPE = "bad_type"                # not the column's type
 MISSING = "missing_value"            # NULL in a NOT NULL column
 CONSTRAINT = "constraint_violation"  # found by the database (unique, not null, check)
 REFUSED = "refused_by_database"      # a value the database refused (found by the database)
-REASONS = (TOO_LONG, NUL_CHARACTER, UNENCODABLE, BAD_TYPE, MISSING, CONSTRAINT, REFUSED)
 
 
 def _value_problem(column: Column, value: Any) -> str | None:
@@ -344,13 +344,6 @@ class Store:
         if version != SCHEMA_VERSION:
             conn.execute(update(schema_info).where(schema_info.c.id == 1).values(version=SCHEMA_VERSION))
 
-    def schema_version(self) -> int | None:
-        self.ensure_schema()
-        try:
-            with self.engine.connect() as conn:
-                return conn.execute(select(schema_info.c.version)).scalar()
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from exc
 
     # --- writes -----------------------------------------------------------------------------------------
 
