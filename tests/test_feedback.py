@@ -20,8 +20,8 @@ from test_store import NO_POSTGRES, POSTGRES_ENV, count, postgres_schema_url
 from cds_service import create_app
 from cds_service.config import Settings
 from cds_service.storage.feedback import _OutOfRange, _parse_rfc3339
-
 from cds_service.storage.store import as_utc, cards_issued, feedback
+
 
 def parse_timestamp(value: str):
     """The parser the feedback endpoint uses; None for what it refuses (out of range included)."""
