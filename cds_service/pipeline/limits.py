@@ -51,7 +51,7 @@ MAX_ID_LENGTH = _cap("MAX_ID_LENGTH", 256)  # context.userId, patientId, encount
 MAX_BUNDLE_ENTRIES = _cap("MAX_BUNDLE_ENTRIES", 1_000)  # entries of one key's Bundle (Conditions considered)
 MAX_PREFETCH_ELEMENTS = _cap("MAX_PREFETCH_ELEMENTS", 50_000)  # JSON values of one key's data
 MAX_PAYORS = _cap("MAX_PAYORS", 50)  # payor references per Coverage
-# -- applied by cards.py and engine.py --------------------------------------------------------------------------
+# -- applied by cards.py and evaluate.py ------------------------------------------------------------------------
 # The order's name in the card detail and delete description: short, the card is read at the order.
 MAX_ECHOED_TEXT = _cap("MAX_ECHOED_TEXT", 60)
 MAX_SACROPLASTY_ORDERS = _cap("MAX_SACROPLASTY_ORDERS", 10)  # orders judged sacroplasty in one call (413 beyond)
