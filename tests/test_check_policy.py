@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,25 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_schema import CARDS, PACK, ROOT, cards, edit_json  # noqa: F401  (cards is a fixture)
 
 from cds_service import cli
-from cds_service.config import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
-CARDS = Settings().cards_dir
-PACK = "ccp1247-sacroplasty"
-
-
-@pytest.fixture
-def cards(tmp_path: Path) -> Path:
-    shutil.copytree(CARDS, tmp_path / "cards")
-    return tmp_path / "cards"
-
-
-def edit_json(path: Path, change: Callable[[Any], None]) -> None:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    change(data)
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str]]:
