@@ -30,6 +30,7 @@ EXPECTED = {
     "bench-order-sign-25-orders-one-sacroplasty.json": ["ServiceRequest/sr-25-sacro"],
 }
 SERVICE = {"order-select": "sacroplasty-order-select", "order-sign": "sacroplasty-order-sign"}
+SCHEDULING_SERVICE = {"order-dispatch": "coverage-order-dispatch", "appointment-book": "coverage-appointment-book"}
 
 
 def post(client, body, service_id=None, **kwargs):
@@ -51,10 +52,12 @@ def test_discovery_lists_both_hooks(client) -> None:
     response = client.get("/cds-services")
     assert response.status_code == 200
     services = {s["hook"]: s for s in response.get_json()["services"]}
-    assert set(services) == {"order-select", "order-sign"}
+    assert set(services) == {"order-select", "order-sign", "order-dispatch", "appointment-book"}
     for hook, service in services.items():
-        assert service["id"] == SERVICE[hook]
+        assert service["id"] == {**SERVICE, **SCHEDULING_SERVICE}[hook]
         assert service["title"] and service["description"]
+        if hook in SCHEDULING_SERVICE:  # the guide's standard templates: tests/test_dispatch.py
+            continue
         assert set(service["prefetch"]) == {"patient", "coverage", "conditions"}
         assert all("{{context.patientId}}" in t for t in service["prefetch"].values())
 

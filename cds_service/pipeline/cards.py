@@ -243,7 +243,8 @@ def _plain_code(code: Any) -> bool:
 
 def _order_reference(order: dict[str, Any]) -> str | None:
     rid = order.get("id")
-    return f"ServiceRequest/{rid}" if isinstance(rid, str) and rid else None
+    kind = "Appointment" if order.get("resourceType") == "Appointment" else "ServiceRequest"
+    return f"{kind}/{rid}" if isinstance(rid, str) and rid else None
 
 
 def _markdown_text(text: str) -> str:
@@ -255,6 +256,8 @@ def _order_name(order: dict[str, Any], unnamed: str) -> str:
     """The order's name as the clinician knows it, at most MAX_ORDER_NAME characters."""
     name = unnamed
     code = order.get("code")
+    if order.get("resourceType") == "Appointment":  # an Appointment is named by its service type
+        code = next(iter(_as_list(order.get("serviceType"))), None)
     if isinstance(code, dict):
         if isinstance(code.get("text"), str) and code["text"].strip():
             name = code["text"]

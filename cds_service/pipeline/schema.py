@@ -365,7 +365,7 @@ class ExamplesFile(Strict):
 
 
 class Service(Strict):
-    hook: Literal["order-select", "order-sign"]
+    hook: Literal["order-select", "order-sign", "order-dispatch", "appointment-book"]
     id: Annotated[str, Field(pattern=_ID.pattern)]
     title: Text
     description: Text
@@ -377,7 +377,7 @@ class CrdOption(Strict):
     name: Text
     description: Text
     default: bool | int | str
-    response: Literal["coverage-info", "alternatives"]
+    response: Literal["coverage-info", "alternatives", "max-cards"]
 
 
 class CrdConfig(Strict):
