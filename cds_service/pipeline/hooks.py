@@ -225,7 +225,7 @@ def _parse_scheduling(body: dict[str, Any], hook: str, max_orders: int) -> HookR
         fhir_server=body.get("fhirServer") if isinstance(body.get("fhirServer"), str) else None,
         fhir_authorization=body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict) else None,
         prefetch=body.get("prefetch") if isinstance(body.get("prefetch"), dict) else None,
-        extension=body.get("extension") if isinstance(body.get("extension"), dict) else {},
+        extension=extension if isinstance(extension := body.get("extension"), dict) else {},
         order_references=references, appointments=appointments, performer=performer,
     )
 

@@ -13,7 +13,8 @@ INVALID = (ValueError, KeyError, TypeError)
 
 
 def order_errors(resource: dict[str, Any]) -> int:
-    """0 when `resource` is a valid FHIR R4 ServiceRequest (or Appointment, for appointment-book), else how many problems were found (at least 1).
+    """0 when `resource` is a valid FHIR R4 ServiceRequest (or Appointment, for appointment-book), else how many
+    problems were found (at least 1).
 
     Only the count is given: the messages can quote patient data, which must not reach a log."""
     try:
