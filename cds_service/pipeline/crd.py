@@ -109,7 +109,7 @@ def requested_kinds(extension: dict[str, Any], crd_config: dict[str, Any]) -> Re
     return ResponseKinds(**kinds, max_cards=max_cards)
 
 
-def _coverage_reference(coverage: dict[str, Any] | None) -> str | None:
+def coverage_reference(coverage: dict[str, Any] | None) -> str | None:
     """Coverage/id, echoed into every update: only for an id that is one (FHIR: at most 64 characters)."""
     if isinstance(coverage, dict) and isinstance(coverage.get("id"), str) and FHIR_ID.fullmatch(coverage["id"]):
         return f"Coverage/{coverage['id']}"
@@ -178,7 +178,7 @@ def coverage_actions(decisions: list[Decision], today: date) -> list[dict[str, A
     assertion_ids: dict[str, str] = {}
     by_order: dict[str, list[tuple[Decision, str]]] = {}
     for decision in decisions:
-        reference = _coverage_reference(decision.plan.coverage)
+        reference = coverage_reference(decision.plan.coverage)
         order_id = decision.order.get("id")
         if reference and isinstance(order_id, str) and order_id and decision.policy is not None:
             by_order.setdefault(order_id, []).append((decision, reference))

@@ -48,6 +48,9 @@ class Evaluation:
     response: dict[str, Any]
     hook_request: HookRequest | None = None
     issued: tuple[IssuedCard, ...] = ()
+    # The coverage decision per (order, pack), for the invocation log: order reference, covered, assertion id
+    # (None when no coverage-information was sent, e.g. Coverage unknown), pack and version. No patient data.
+    decisions: tuple[dict[str, Any], ...] = ()
 
 
 class Evaluator:
@@ -144,4 +147,33 @@ class Evaluator:
         response: dict[str, Any] = {"cards": [i.card for i in issued]}
         if actions:
             response["systemActions"] = actions
-        return Evaluation(response, hook_request, issued)
+        return Evaluation(response, hook_request, issued, _logged_decisions(decisions, actions))
+
+
+def _reference(resource: dict[str, Any]) -> str | None:
+    rtype, rid = resource.get("resourceType"), resource.get("id")
+    return f"{rtype}/{rid}" if isinstance(rtype, str) and isinstance(rid, str) else None
+
+
+def _logged_decisions(decisions: list[Decision], actions: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """What the invocation log keeps of each decision (see Evaluation.decisions)."""
+    assertions: dict[tuple[str | None, str], str] = {}  # (order, Coverage reference) → coverage-assertion-id
+    for action in actions:
+        resource = action["resource"]
+        for extension in resource.get("extension") or []:
+            if isinstance(extension, dict) and extension.get("url") == crd.COVERAGE_INFORMATION:
+                subs = {e.get("url"): e for e in extension.get("extension", []) if isinstance(e, dict)}
+                coverage = subs.get("coverage", {}).get("valueReference", {}).get("reference")
+                assertion = subs.get("coverage-assertion-id", {}).get("valueString")
+                if isinstance(coverage, str) and isinstance(assertion, str):
+                    assertions[(_reference(resource), coverage)] = assertion
+    logged = []
+    for decision in decisions:
+        if decision.policy is None:
+            continue
+        order = _reference(decision.order)
+        coverage = crd.coverage_reference(decision.plan.coverage)
+        logged.append({"order": order, "covered": "not-covered", "coverage": coverage,
+                       "assertion_id": assertions.get((order, coverage)) if coverage else None,
+                       "pack": decision.policy.id, "version": decision.policy.version})
+    return tuple(logged)

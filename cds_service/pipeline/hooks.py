@@ -238,7 +238,6 @@ def judged(resource: dict[str, Any]) -> bool:
 def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookRequest:
     """Validate a request body for a service of `hook`; raise ApiError (400/413) naming the problem."""
     if hook in ("order-dispatch", "appointment-book"):
-        _common(body, hook)
         return _parse_scheduling(body, hook, max_draft_orders)
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
