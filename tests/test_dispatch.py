@@ -204,3 +204,33 @@ def test_a_what_if_call_is_accepted_and_answered_as_any_other(client) -> None:
     result = what_if.get_json()
     assert [c["detail"] for c in result["cards"]] == [c["detail"] for c in plain["cards"]]
     assert len(result["systemActions"]) == len(plain["systemActions"]) == 1
+
+
+# -- Coverage: missing, several, another payer's (docs/crd.md) -----------------------------------------------------
+
+def _other_payer(coverage: dict[str, Any]) -> dict[str, Any]:
+    other = copy.deepcopy(coverage)
+    other["id"] = "cov-other-1"
+    other["payor"] = [{"display": "Blue Ridge Mutual Insurance"}]
+    other["class"] = [{"type": other["class"][0]["type"], "value": "BR-PPO", "name": "Blue Ridge PPO"}]
+    return other
+
+
+def _with_coverages(coverages: list[dict[str, Any]]) -> dict[str, Any]:
+    body = load_fixture(FIXTURE)
+    body["prefetch"]["coverage"] = {"resourceType": "Bundle", "type": "searchset",
+                                    "entry": [{"resource": c} for c in coverages]}
+    return body
+
+
+@pytest.mark.parametrize("case", ["missing", "several", "another payer's", "ours only"])
+def test_coverage_edge_cases_as_documented(client, case: str) -> None:
+    ours = load_fixture(FIXTURE)["prefetch"]["coverage"]["entry"][0]["resource"]
+    coverages = {"missing": [], "several": [_other_payer(ours), ours], "another payer's": [_other_payer(ours)],
+                 "ours only": [ours]}[case]
+    cards, actions = ruled(dispatch(client, _with_coverages(coverages)))
+    references = [s["valueReference"]["reference"] for a in actions for e in a["resource"]["extension"]
+                  if e["url"] == COVERAGE_INFORMATION for s in e["extension"] if s["url"] == "coverage"]
+    expected = {"missing": (1, []), "several": (1, ["Coverage/cov-sh-1001"]), "another payer's": (0, []),
+                "ours only": (1, ["Coverage/cov-sh-1001"])}[case]
+    assert (len(cards), references) == expected
