@@ -11,9 +11,12 @@ import pytest
 from conftest import load_fixture
 from test_fhir import BASE_PATH, TOKEN, app_client, ehr, origin, serve_member, servers  # noqa: F401 (ehr, servers: fixtures)
 
+from cds_service.config import Settings
 from cds_service.pipeline.crd import COVERAGE_INFORMATION
+from cds_service.pipeline.policy import load_policies
 
 BOOKING = "coverage-appointment-book"
+POLICY = load_policies(Settings().cards_dir)[0]
 
 
 def book(client, body: dict[str, Any]):
@@ -29,6 +32,7 @@ def answer(response) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 def assert_scheduler_card(cards: list[dict[str, Any]], associated: str) -> None:
     assert len(cards) == 1 and "suggestions" not in cards[0]
     assert "not covered" in cards[0]["detail"] and cards[0]["source"]["url"]
+    assert POLICY.card["not_the_orderer"] in cards[0]["detail"]  # the scheduler does not change the order
     assert cards[0]["extension"]["davinci-crd.associated-resource"] == [{"reference": associated}]
 
 

@@ -24,9 +24,12 @@ from test_fhir import (  # noqa: F401 (ehr, elsewhere, servers: fixtures)
     servers,
 )
 
+from cds_service.config import Settings
 from cds_service.pipeline.crd import COVERAGE_INFORMATION
+from cds_service.pipeline.policy import load_policies
 
 DISPATCH = "coverage-order-dispatch"
+POLICY = load_policies(Settings().cards_dir)[0]
 FIXTURE = "order-dispatch-sacroplasty.json"
 # Da Vinci CRD CRDServices.json (input/resources/CRDServices.json), order-dispatch entry, text-equal.
 GUIDE_PREFETCH = {
@@ -52,6 +55,7 @@ def assert_performer_answer(cards: list[dict[str, Any]], actions: list[dict[str,
     """One card with no suggestions (the performer does not change the order), one update of the active order."""
     assert len(cards) == 1 and "suggestions" not in cards[0] and "selectionBehavior" not in cards[0]
     assert "not covered" in cards[0]["detail"]
+    assert POLICY.card["not_the_orderer"] in cards[0]["detail"]  # the performer does not change the order
     assert cards[0]["extension"]["davinci-crd.associated-resource"] == [{"reference": "ServiceRequest/sr-sacro-1"}]
     assert [(a["type"], a["resource"]["id"], a["resource"]["status"]) for a in actions] == \
         [("update", "sr-sacro-1", "active")]

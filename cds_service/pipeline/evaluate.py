@@ -140,7 +140,7 @@ class Evaluator:
         actions = crd.coverage_actions(decisions, now.date()) if kinds.coverage_info else []
         base_url = self.public_url or base_url or DEFAULT_BASE_URL
         suggest = hook_request.hook not in SCHEDULING_HOOKS
-        issued = tuple(pack.cards.build(d, hook_request, now, base_url, with_suggestions=suggest)
+        issued = tuple(pack.cards.build(d, hook_request, now, base_url, for_orderer=suggest)
                        for pack, pack_decisions in ruled for d in pack_decisions) if kinds.alternatives else ()
         if kinds.max_cards is not None:
             issued = issued[:kinds.max_cards]

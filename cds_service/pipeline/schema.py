@@ -166,6 +166,9 @@ class Card(Strict):
     delete_description: Text
     create_description: Text
     unnamed_order: Text  # what the card calls an order that has neither text nor code
+    # order-dispatch / appointment-book: the card goes to the performer or scheduler, who cannot change the
+    # order; this line says who decides on the alternatives. Optional: without it, no such line.
+    not_the_orderer: Text | None = None
 
 
 class Crd(Strict):
