@@ -238,3 +238,15 @@ def test_coverage_edge_cases_as_documented(client, case: str) -> None:
     expected = {"missing": (1, []), "several": (1, ["Coverage/cov-sh-1001"]), "another payer's": (0, []),
                 "ours only": (1, ["Coverage/cov-sh-1001"])}[case]
     assert (len(cards), references) == expected
+
+
+def test_more_dispatched_sacroplasties_than_the_cap_is_a_413_naming_the_field(client) -> None:
+    from cds_service.pipeline import limits
+
+    body = load_fixture(FIXTURE)
+    order = body["prefetch"]["servicerequest"]["entry"][0]["resource"]
+    count = limits.MAX_SACROPLASTY_ORDERS + 1
+    body["prefetch"]["servicerequest"]["entry"] = [{"resource": {**order, "id": f"sr-{i}"}} for i in range(count)]
+    body["context"]["dispatchedOrders"] = [f"ServiceRequest/sr-{i}" for i in range(count)]
+    response = dispatch(client, body)
+    assert response.status_code == 413 and response.get_json()["field"] == "context.dispatchedOrders"

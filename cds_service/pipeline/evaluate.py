@@ -129,8 +129,10 @@ class Evaluator:
             return Evaluation({"cards": []}, hook_request)
         count = sum(len(findings) for _, findings in found)
         if count > limits.MAX_SACROPLASTY_ORDERS:  # each costs a card, a validation, a CRD update
-            raise too_large("items", f"context.draftOrders holds {count} orders the policies rule on; at most "
-                                     f"{limits.MAX_SACROPLASTY_ORDERS} are judged per call", "context.draftOrders")
+            where = {"order-dispatch": "context.dispatchedOrders",
+                     "appointment-book": "context.appointments"}.get(hook_request.hook, "context.draftOrders")
+            raise too_large("items", f"{where} holds {count} orders the policies rule on; at most "
+                                     f"{limits.MAX_SACROPLASTY_ORDERS} are judged per call", where)
         now = now or datetime.now(timezone.utc)
         ctx = gather(hook_request, self.fetcher)  # once per call, whatever the number of packs
         ruled: list[tuple[Pack, list[Decision]]] = [
