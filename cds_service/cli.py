@@ -1,4 +1,4 @@
-"""`cds-service` command line: serve, evaluate, check-policy, report, call, keys."""
+"""`cds-service` command line: serve, evaluate, check-policy, report, audit, call, keys."""
 
 from __future__ import annotations
 
@@ -223,6 +223,26 @@ def _report(args: argparse.Namespace) -> int:
     return write_report(args.since, args.format, args.output)
 
 
+def _audit(args: argparse.Namespace) -> int:
+    """Print the invocation log rows asked for, one JSON object a line (oldest first)."""
+    from cds_service.storage.store import Store, StoreUnavailable
+
+    store = Store(Settings.from_env().database_url)
+    try:
+        rows = store.invocations(hook_instance=args.hook_instance, since=args.since, limit=args.limit)
+    except StoreUnavailable as exc:
+        print(f"error: the database cannot be read: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.engine.dispose()
+    for row in rows:
+        sys.stdout.write(json.dumps(row, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v),
+                                    ensure_ascii=False) + "\n")
+    if not rows:
+        print("no invocation found", file=sys.stderr)
+    return 0
+
+
 def _call(args: argparse.Namespace) -> int:
     from cds_service.tools.call import call
 
@@ -275,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="table (default), csv, json, or html (one self-contained page with charts)")
     report.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
     report.set_defaults(func=_report)
+
+    audit = commands.add_parser(
+        "audit", help="look up the CRD invocation log",
+        description="The CRD invocation log (one row per hook call: hookInstance, hook, service, client, times, "
+                    "status, coverage decisions, the response as sent), one JSON object a line. For authorised "
+                    "staff: it reads the database named by CDS_DATABASE_URL, and responses hold patient data.")
+    audit.add_argument("--hook-instance", metavar="ID", help="only the call(s) with this hookInstance")
+    audit.add_argument("--since", type=_since, metavar="DATE", help="only calls received from this UTC date on")
+    audit.add_argument("--limit", type=int, default=1000, help="at most this many rows (default 1000)")
+    audit.set_defaults(func=_audit)
 
     call = commands.add_parser(
         "call", help="fire a hook request at a CDS service",

@@ -53,6 +53,7 @@ class Settings:
     cards_dir: Path = field(default_factory=_default_cards_dir)
     fixtures_dir: Path = field(default_factory=_default_fixtures_dir)
     log_level: str = "INFO"
+    audit_retention_days: int = 2555  # CDS_AUDIT_RETENTION_DAYS (about 7 years): older invocation log rows pruned
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +75,7 @@ class Settings:
             cards_dir=Path(env["CDS_CARDS_DIR"]) if env.get("CDS_CARDS_DIR") else defaults.cards_dir,
             fixtures_dir=Path(env["CDS_FIXTURES_DIR"]) if env.get("CDS_FIXTURES_DIR") else defaults.fixtures_dir,
             log_level=env.get("CDS_LOG_LEVEL") or defaults.log_level,
+            audit_retention_days=int(env.get("CDS_AUDIT_RETENTION_DAYS") or defaults.audit_retention_days),
         )
 
     def production_problem(self) -> str | None:

@@ -30,6 +30,7 @@ EXPECTED = {
     "bench-order-sign-25-orders-one-sacroplasty.json": ["ServiceRequest/sr-25-sacro"],
 }
 SERVICE = {"order-select": "sacroplasty-order-select", "order-sign": "sacroplasty-order-sign"}
+SCHEDULING_SERVICE = {"order-dispatch": "coverage-order-dispatch", "appointment-book": "coverage-appointment-book"}
 
 
 def post(client, body, service_id=None, **kwargs):
@@ -51,10 +52,12 @@ def test_discovery_lists_both_hooks(client) -> None:
     response = client.get("/cds-services")
     assert response.status_code == 200
     services = {s["hook"]: s for s in response.get_json()["services"]}
-    assert set(services) == {"order-select", "order-sign"}
+    assert set(services) == {"order-select", "order-sign", "order-dispatch", "appointment-book"}
     for hook, service in services.items():
-        assert service["id"] == SERVICE[hook]
+        assert service["id"] == {**SERVICE, **SCHEDULING_SERVICE}[hook]
         assert service["title"] and service["description"]
+        if hook in SCHEDULING_SERVICE:  # the guide's standard templates: tests/test_dispatch.py
+            continue
         assert set(service["prefetch"]) == {"patient", "coverage", "conditions"}
         assert all("{{context.patientId}}" in t for t in service["prefetch"].values())
 
@@ -72,7 +75,31 @@ def test_fixture_end_to_end(client, name: str) -> None:
 def test_every_fixture_has_an_expectation() -> None:
     from conftest import FIXTURES
 
-    assert {p.name for p in FIXTURES.glob("*.json") if not p.name.startswith("patient-")} <= set(EXPECTED)
+    assert {p.name for p in FIXTURES.glob("*.json") if not p.name.startswith("patient-")} <= \
+        set(EXPECTED) | set(SCHEDULING_EXPECTED)
+
+
+# order-dispatch / appointment-book fixtures: the resource each card is about (no suggestions on these cards).
+SCHEDULING_EXPECTED = {
+    "order-dispatch-sacroplasty.json": ["ServiceRequest/sr-sacro-1"],
+    "order-dispatch-not-sacroplasty.json": [],
+    "appointment-book-sacroplasty-order.json": ["ServiceRequest/sr-sacro-1"],
+    "appointment-book-sacroplasty-coded.json": ["Appointment/appt-sacro-2"],
+    "appointment-book-unrelated.json": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULING_EXPECTED))
+def test_scheduling_fixture_end_to_end(client, name: str) -> None:
+    body = load_fixture(name)
+    response = post(client, body, SCHEDULING_SERVICE[body["hook"]])
+    assert response.status_code == 200, response.get_data(as_text=True)
+    result = response.get_json()
+    about = [r["reference"] for c in result["cards"] for r in c["extension"]["davinci-crd.associated-resource"]]
+    assert about == SCHEDULING_EXPECTED[name]
+    assert all("suggestions" not in c for c in result["cards"])
+    assert [a["resource"]["resourceType"] + "/" + a["resource"]["id"] for a in result.get("systemActions", [])] \
+        == SCHEDULING_EXPECTED[name]
 
 
 def test_order_select_judges_only_selected_orders(client) -> None:

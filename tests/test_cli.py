@@ -60,7 +60,8 @@ def test_real_server_answers_hooks(start_server) -> None:
     server = start_server(args=["--dev"], workers=2)
     discovery = requests.get(server.url + "/cds-services", timeout=5)
     assert discovery.status_code == 200
-    assert {s["id"] for s in discovery.json()["services"]} == set(SERVICE.values())
+    assert {s["id"] for s in discovery.json()["services"]} == set(SERVICE.values()) | {
+        "coverage-order-dispatch", "coverage-appointment-book"}
     for name, expected in [("order-select-sacroplasty-cpt.json", ["ServiceRequest/sr-sacro-1"]),
                            ("order-sign-mixed.json", ["ServiceRequest/sr-sacro-2"]),
                            ("sandbox-pama-order-select-ct.json", [])]:

@@ -163,6 +163,21 @@ def test_call_the_real_server_prints_cards_and_exits_0(start_server, capsys) -> 
     assert "The response conforms to CDS Hooks 2.0." in out
 
 
+@pytest.mark.parametrize("service, fixture", [
+    ("coverage-order-dispatch", "order-dispatch-sacroplasty.json"),
+    ("coverage-appointment-book", "appointment-book-sacroplasty-order.json"),
+    ("coverage-appointment-book", "appointment-book-sacroplasty-coded.json"),
+])
+def test_call_works_for_the_dispatch_and_booking_hooks(start_server, capsys, service: str, fixture: str) -> None:
+    server = start_server(args=["--dev"])
+    code = main(["call", f"{server.url}/cds-services/{service}", str(FIXTURES / fixture)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "-> HTTP 200 in " in out and " ms: 1 card, 1 system action" in out
+    assert "delete " not in out  # no suggestions for the performer or the scheduler
+    assert "The response conforms to CDS Hooks 2.0." in out
+
+
 def test_call_json_prints_the_raw_response(start_server, capsys) -> None:
     server = start_server(args=["--dev"])
     assert main(["call", "--json", server.url + SERVICE_PATH, str(SACRO)]) == 0

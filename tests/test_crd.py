@@ -402,15 +402,18 @@ def test_coverage_information_is_never_a_card(client) -> None:
 
 def test_discovery_declares_crd_version_and_configuration_options(client) -> None:
     services = client.get("/cds-services").get_json()["services"]
-    assert {s["hook"] for s in services} == set(SERVICE)
+    assert {s["hook"] for s in services} == set(SERVICE) | {"order-dispatch", "appointment-book"}
     for service in services:
         extension = service["extension"]
         versions = extension["davinci-crd.version"]
         assert versions and all(isinstance(v, str) and re.fullmatch(r"\d+\.\d+", v) for v in versions)
         options = extension["davinci-crd.configuration-options"]
-        assert {o["code"] for o in options} == {"coverage-info", "therapy-alternatives-opt"}
+        assert {o["code"] for o in options} == {"coverage-info", "therapy-alternatives-opt", "max-cards"}
         for option in options:
             assert set(option) == {"code", "type", "name", "description", "default"}
+            if option["code"] == "max-cards":  # the guide's example option (CRDServices.json)
+                assert option["type"] == "integer" and option["default"] == 10
+                continue
             assert option["code"] in CARD_TYPES
             assert option["type"] == "boolean" and option["default"] is True
             assert option["name"].strip() and option["description"].strip()

@@ -136,6 +136,28 @@ def test_spec_examples_are_accepted(client, settings) -> None:
     assert response.get_json()["stored"] == 4 and count(settings.database_url, feedback) == 4
 
 
+def test_the_pre_2_0_override_shape_is_stored_like_the_2_0_one(client, settings) -> None:
+    """Older clients send overrideReason as the Coding itself; it is stored exactly as the 2.0 shape."""
+    card = issue_card(client)
+    reason = {**REASON, "display": "Oncology exception"}
+    new = overridden(card["uuid"], "2024-05-02T08:00:00Z", overrideReason={"reason": reason})
+    old = overridden(card["uuid"], "2024-05-03T08:00:00Z", overrideReason=reason)
+    response = client.post(FEEDBACK_URL, json={"feedback": [new, old]})
+    assert response.status_code == 200 and response.get_json()["stored"] == 2
+    stored = rows(settings.database_url)
+    columns = ("override_system", "override_code", "override_display", "user_comment", "outcome", "card_uuid")
+    assert [tuple(r[c] for c in columns) for r in stored] == \
+        [(REASON["system"], REASON["code"], "Oncology exception", None, "overridden", card["uuid"])] * 2
+
+
+def test_a_bad_pre_2_0_override_is_400_naming_the_field(client, settings) -> None:
+    card = issue_card(client)
+    body = {"feedback": [overridden(card["uuid"], overrideReason={"code": 7, "system": REASON["system"]})]}
+    response = client.post(FEEDBACK_URL, json=body)
+    assert response.status_code == 400 and "feedback[0].overrideReason.code" in response.get_data(as_text=True)
+    assert count(settings.database_url, feedback) == 0
+
+
 # --- invalid feedback: 400 naming the entry and field, nothing stored --------------------------------------
 
 def _invalid_cases():

@@ -79,7 +79,8 @@ def test_both_packs_load_and_discovery_keeps_its_ids(two_packs: Path, tmp_path: 
     catalogue = load_catalogue(two_packs)
     assert {p.id for p in catalogue.packs} == {CCP, SYNTHETIC_ID}
     services = app_for(two_packs, tmp_path).test_client().get("/cds-services").get_json()["services"]
-    assert {s["id"] for s in services} == {"sacroplasty-order-select", "sacroplasty-order-sign"}
+    assert {s["id"] for s in services} == {"sacroplasty-order-select", "sacroplasty-order-sign",
+                                           "coverage-order-dispatch", "coverage-appointment-book"}
     for service in services:
         assert "CCP.1247" in service["description"] and "TEST.0001" in service["description"]
         assert "sacroplasty" not in service["title"].lower()  # neutral titles

@@ -55,7 +55,7 @@ def test_the_shipped_packs_and_services_are_valid() -> None:
     assert policy.alternatives[1].rule == "chiropractic-first-four-weeks"
     assert policy.messages["plan_member"].startswith("The patient is covered")
     assert policy.detection["codes"][0]["code"] == "0200T"  # the raw data the detector reads, as before
-    assert {s.hook for s in catalogue.services} == {"order-select", "order-sign"}
+    assert {s.hook for s in catalogue.services} == {"order-select", "order-sign", "order-dispatch", "appointment-book"}
 
 
 # Each kind of malformed pack: (file, how it is broken, what the message must name).

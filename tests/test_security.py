@@ -23,7 +23,8 @@ from cds_service.config import Settings
 
 SELECT = "sacroplasty-order-select"
 SIGN = "sacroplasty-order-sign"
-SERVICE = {"order-select": SELECT, "order-sign": SIGN}
+SERVICE = {"order-select": SELECT, "order-sign": SIGN, "order-dispatch": "coverage-order-dispatch",
+           "appointment-book": "coverage-appointment-book"}
 CPT = "order-select-sacroplasty-cpt.json"
 SANDBOX = "https://sandbox.cds-hooks.org"
 

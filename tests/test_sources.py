@@ -38,7 +38,8 @@ def card_texts() -> dict[str, str]:
         "policy.json:crd.coverage_action_description": meta["crd"]["coverage_action_description"],
     }
     for key in ("summary", "note_on_created_order", "policy_page_link", "alternatives_offered",
-                "alternatives_listed", "also_covered", "delete_description", "create_description", "unnamed_order"):
+                "alternatives_listed", "also_covered", "delete_description", "create_description", "unnamed_order",
+                "not_the_orderer"):
         texts[f"policy.json:card.{key}"] = meta["card"][key]
     for key, message in meta["messages"].items():
         texts[f"policy.json:messages.{key}"] = message

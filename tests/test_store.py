@@ -117,7 +117,8 @@ def test_tables_and_schema_version_created_on_first_start(database_url: str) -> 
 
 
 def test_migration_hook_runs_once_per_step(database_url: str, monkeypatch) -> None:
-    Store(database_url).ensure_schema()  # a database at version 1
+    Store(database_url).ensure_schema()  # a database at the current version
+    current = store_module.SCHEMA_VERSION
     calls = []
     extra = Table("migration_probe", store_module.metadata, Column("id", String(10), primary_key=True))
     try:
@@ -125,11 +126,11 @@ def test_migration_hook_runs_once_per_step(database_url: str, monkeypatch) -> No
             calls.append(2)
             conn.execute(text("CREATE TABLE migrated_marker (id INTEGER)"))
 
-        monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-        monkeypatch.setattr(store_module, "MIGRATIONS", {1: to_v2})
+        monkeypatch.setattr(store_module, "SCHEMA_VERSION", current + 1)
+        monkeypatch.setattr(store_module, "MIGRATIONS", {current: to_v2})
         upgraded = Store(database_url)
         upgraded.ensure_schema()
-        assert schema_version(upgraded) == 2 and calls == [2]
+        assert schema_version(upgraded) == current + 1 and calls == [2]
         assert count(database_url, extra) == 0  # new tables from the current metadata were created too
         Store(database_url).ensure_schema()
         assert calls == [2]

@@ -261,6 +261,18 @@ def test_loading_an_order_sign_request_chooses_the_order_sign_service(browser, d
     assert "No cards" in (tab.page.text_content("#cards") or "")
 
 
+@pytest.mark.parametrize("fixture, hook", [("order-dispatch-sacroplasty.json", "order-dispatch"),
+                                           ("appointment-book-sacroplasty-coded.json", "appointment-book")])
+def test_the_dispatch_and_booking_services_are_listed_and_chosen(browser, dev_server, fixture: str,
+                                                                 hook: str) -> None:
+    tab = Page(browser, dev_server.url)
+    response = tab.fire(fixture)
+    assert tab.page.input_value("#service") == SERVICES[hook]["id"]
+    assert tab.page.locator(".card").count() == len(response["cards"]) == 1
+    assert tab.page.locator(".card .suggestions").count() == 0
+    assert tab.errors == []
+
+
 HOSTILE_CARD = {
     "uuid": "hostile-card",
     "summary": "<img src=x onerror=\"window.__xss_summary=1\">Summary",

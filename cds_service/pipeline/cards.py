@@ -77,8 +77,11 @@ class CardBuilder:
                              for a in policy.alternatives for name in a.reasons_that_fit}
 
     def build(self, decision: Decision, hook_request: HookRequest, now: datetime, base_url: str,
-              with_suggestions: bool = True) -> IssuedCard:
-        """The card for one decision. `base_url`: this service's public URL, for the policy page link."""
+              with_suggestions: bool = True, for_orderer: bool = True) -> IssuedCard:
+        """The card for one decision. `base_url`: this service's public URL, for the policy page link.
+        `for_orderer` False (order-dispatch, appointment-book): no suggestions, and the pack's `not_the_orderer`
+        line, since the performer or scheduler who reads it does not change the order."""
+        with_suggestions = with_suggestions and for_orderer
         policy = self.policy
         order = decision.order
         offered = [a for a in policy.alternatives if not decision.contraindications.intersection(a.withheld_when)
@@ -96,7 +99,7 @@ class CardBuilder:
         card: dict[str, Any] = {
             "uuid": next(ids),
             **self._base,
-            "detail": self._detail(decision, offered, bool(suggestions), base_url),
+            "detail": self._detail(decision, offered, bool(suggestions), base_url, for_orderer),
             "source": self._source,
             "overrideReasons": self._override_reasons,
             "extension": {CARD_EXTENSION_POLICY: policy.identity},
@@ -110,11 +113,14 @@ class CardBuilder:
             del card["selectionBehavior"]
         return IssuedCard(card, suggestion_ids, decision, policy)
 
-    def _detail(self, decision: Decision, offered: list[Alternative], buttons: bool, base_url: str) -> str:
+    def _detail(self, decision: Decision, offered: list[Alternative], buttons: bool, base_url: str,
+                for_orderer: bool = True) -> str:
         policy = self.policy
         messages = policy.messages
         keys = [decision.plan.note, *(status.note for status in decision.rules.values())]
         notes = [messages[key] for key in keys if key]
+        if not for_orderer and policy.card.get("not_the_orderer"):
+            notes.append(policy.card["not_the_orderer"])
         return policy.detail_template.substitute(
             order=_markdown_text(_order_name(decision.order, policy.card["unnamed_order"])),
             number=policy.number,
@@ -243,7 +249,8 @@ def _plain_code(code: Any) -> bool:
 
 def _order_reference(order: dict[str, Any]) -> str | None:
     rid = order.get("id")
-    return f"ServiceRequest/{rid}" if isinstance(rid, str) and rid else None
+    kind = "Appointment" if order.get("resourceType") == "Appointment" else "ServiceRequest"
+    return f"{kind}/{rid}" if isinstance(rid, str) and rid else None
 
 
 def _markdown_text(text: str) -> str:
@@ -255,6 +262,8 @@ def _order_name(order: dict[str, Any], unnamed: str) -> str:
     """The order's name as the clinician knows it, at most MAX_ORDER_NAME characters."""
     name = unnamed
     code = order.get("code")
+    if order.get("resourceType") == "Appointment":  # an Appointment is named by its service type
+        code = next(iter(_as_list(order.get("serviceType"))), None)
     if isinstance(code, dict):
         if isinstance(code.get("text"), str) and code["text"].strip():
             name = code["text"]

@@ -43,6 +43,10 @@ class ResponseKinds:
 
     alternatives: bool = True
     coverage_info: bool = True
+    max_cards: int | None = None  # the guide's `max-cards` option, clamped to [0, MAX_CARDS]
+
+
+MAX_CARDS = 100  # a larger max-cards asks for nothing more: no call issues more (limits.MAX_SACROPLASTY_ORDERS)
 
 
 _KINDS = {f.name for f in fields(ResponseKinds)}
@@ -89,15 +93,23 @@ def requested_kinds(extension: dict[str, Any], crd_config: dict[str, Any]) -> Re
                 + ", ".join(crd_config["versions"]), f"extension.{REQUESTED_VERSION}")
     config = extension.get(CONFIGURATION)
     kinds: dict[str, bool] = {}
+    max_cards: int | None = None
     if isinstance(config, dict):
         for option in crd_config["options"]:
             value = config.get(option["code"])
-            if isinstance(value, bool):
-                kinds[_kind(option)] = value
-    return ResponseKinds(**kinds)
+            kind = _kind(option)
+            if kind == "max_cards":
+                # An integer (a boolean is not one), clamped; another type is ignored like any ill-typed option.
+                if isinstance(value, int) and not isinstance(value, bool):
+                    max_cards = min(max(value, 0), MAX_CARDS)
+            elif isinstance(value, bool):
+                kinds[kind] = value
+        # A what-if call (`unsolicited-determ`, or any other option not offered here) is answered as any other
+        # call: the guide lets a server ignore options it does not know (dev-17).
+    return ResponseKinds(**kinds, max_cards=max_cards)
 
 
-def _coverage_reference(coverage: dict[str, Any] | None) -> str | None:
+def coverage_reference(coverage: dict[str, Any] | None) -> str | None:
     """Coverage/id, echoed into every update: only for an id that is one (FHIR: at most 64 characters)."""
     if isinstance(coverage, dict) and isinstance(coverage.get("id"), str) and FHIR_ID.fullmatch(coverage["id"]):
         return f"Coverage/{coverage['id']}"
@@ -166,7 +178,7 @@ def coverage_actions(decisions: list[Decision], today: date) -> list[dict[str, A
     assertion_ids: dict[str, str] = {}
     by_order: dict[str, list[tuple[Decision, str]]] = {}
     for decision in decisions:
-        reference = _coverage_reference(decision.plan.coverage)
+        reference = coverage_reference(decision.plan.coverage)
         order_id = decision.order.get("id")
         if reference and isinstance(order_id, str) and order_id and decision.policy is not None:
             by_order.setdefault(order_id, []).append((decision, reference))

@@ -56,6 +56,41 @@ def find_sacroplasty(hook_request: HookRequest, detector: Detector) -> list[Find
     return findings
 
 
+def _based_on(appointment: dict[str, Any]) -> list[str]:
+    refs = appointment.get("basedOn")
+    return [r["reference"] for r in refs if isinstance(r, dict) and isinstance(r.get("reference"), str)
+            and r["reference"].startswith("ServiceRequest/")] if isinstance(refs, list) else []
+
+
+def appointment_references(hook_request: HookRequest) -> list[str]:
+    """The ServiceRequests the proposed Appointments are based on, each once."""
+    return list(dict.fromkeys(r for a in hook_request.appointments for r in _based_on(a)))
+
+
+def find_booked(hook_request: HookRequest, detector: Detector,
+                based: dict[str, dict[str, Any]]) -> list[Finding]:
+    """appointment-book: an Appointment is for a sacroplasty when a ServiceRequest it is based on is one (the
+    finding is then on that ServiceRequest: CRD puts coverage information on the order when there is one), else
+    when its own serviceType or reasonCode names one (the finding is on the Appointment)."""
+    findings: list[Finding] = []
+    seen: set[int] = set()
+    for appointment in hook_request.appointments:
+        orders = [based[r] for r in _based_on(appointment) if r in based]
+        hits = [Finding(o, m) for o in orders if (m := detector.match(o))]
+        if not hits:
+            concepts = [c for key in ("serviceType", "reasonCode") for c in (appointment.get(key) or [])
+                        if isinstance(c, dict)] if isinstance(appointment.get("serviceType", []), list) and \
+                isinstance(appointment.get("reasonCode", []), list) else []
+            match = next((m for c in concepts
+                          if (m := detector.match({"resourceType": "ServiceRequest", "code": c}))), None)
+            hits = [Finding(appointment, match)] if match else []
+        for hit in hits:
+            if id(hit.order) not in seen:
+                seen.add(id(hit.order))
+                findings.append(hit)
+    return findings
+
+
 def decide(findings: list[Finding], ctx: PatientContext, policy: Policy, today: date) -> list[Decision]:
     """Decisions for the findings the policy applies to (none when the patient is in another plan)."""
     plan = plan_status(ctx, policy)

@@ -8,6 +8,7 @@ limits.py (413 naming the field): every later step is then bounded, whatever the
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,11 @@ class HookRequest:
     fhir_authorization: dict[str, Any] | None = None
     prefetch: dict[str, Any] | None = None
     extension: dict[str, Any] = field(default_factory=dict)
+    # order-dispatch: the references of context.dispatchedOrders (the orders themselves come from prefetch or
+    # fhirServer, see patient.resolve_orders); appointment-book: the proposed Appointments.
+    order_references: tuple[str, ...] = ()
+    appointments: tuple[dict[str, Any], ...] = ()
+    performer: str | None = None
 
 
 def _string(container: dict[str, Any], key: str, where: str) -> str:
@@ -140,8 +146,99 @@ def _judged(resource: dict[str, Any]) -> bool:
     return resource.get("resourceType") == "ServiceRequest" and isinstance(status, str) and status in JUDGED_STATUSES
 
 
+DISPATCHED_KEYS = ("dispatchedOrders", "dispatched-orders")  # CDS Hooks spelling, and the one some clients send
+REFERENCE = re.compile(r"[A-Za-z]{1,64}/[A-Za-z0-9\-.]{1,64}")
+
+
+def _dispatched(context: dict[str, Any], max_orders: int) -> tuple[str, ...]:
+    """order-dispatch's context.dispatchedOrders: a non-empty list of relative references (Type/id)."""
+    key = next((k for k in DISPATCHED_KEYS if k in context), DISPATCHED_KEYS[0])
+    value = context.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise bad_request(f"context.{key} must be a non-empty list of references", f"context.{key}")
+    if len(value) > max_orders:
+        raise ApiError(413, "too_many_items", f"context.{key} has {len(value)} entries; at most {max_orders} "
+                       "are accepted", f"context.{key}")
+    if not all(REFERENCE.fullmatch(v) for v in value):
+        raise bad_request(f"context.{key} must hold relative references such as ServiceRequest/123",
+                          f"context.{key}")
+    return tuple(dict.fromkeys(value))
+
+
+def _appointments(context: dict[str, Any], max_orders: int) -> tuple[dict[str, Any], ...]:
+    """appointment-book's context.appointments: a Bundle of proposed Appointments, within the cost model."""
+    bundle = context.get("appointments")
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise bad_request("context.appointments must be a FHIR Bundle", "context.appointments")
+    entries = bundle_entries(bundle)
+    if entries is None:
+        raise bad_request("context.appointments.entry must be a list", "context.appointments.entry")
+    if len(entries) > max_orders:
+        raise ApiError(413, "too_many_items", f"context.appointments has {len(entries)} entries; at most "
+                       f"{max_orders} are accepted", "context.appointments.entry")
+    for index, entry in enumerate(entries):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict):
+            _, excess = limits.measure(resource, limits.MAX_ORDER_ELEMENTS, {})
+            if excess is not None:
+                field = excess.field(f"context.appointments.entry[{index}].resource")
+                raise too_large(excess.what, limits.describe(excess, field), field)
+    return tuple(entry_resources(entries, "Appointment"))
+
+
+def _common(body: Any, hook: str) -> tuple[str, dict[str, Any]]:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    sent_hook = _string(body, "hook", "")
+    if sent_hook != hook:
+        raise bad_request(f"this service answers the {hook} hook, not {sent_hook}", "hook")
+    hook_instance = _string(body, "hookInstance", "")
+    if len(hook_instance) > 200 or not hook_instance.isprintable():
+        raise bad_request("hookInstance must be a UUID or another short printable identifier", "hookInstance")
+    context = body.get("context")
+    if not isinstance(context, dict):
+        raise bad_request("context must be a JSON object", "context")
+    return hook_instance, context
+
+
+def _optional_id(context: dict[str, Any], key: str) -> str | None:
+    return _identifier(context, key, "context.") if isinstance(context.get(key), str) else None
+
+
+def _parse_scheduling(body: dict[str, Any], hook: str, max_orders: int) -> HookRequest:
+    """order-dispatch and appointment-book: no draft orders; what is judged is resolved later (evaluate.py)."""
+    hook_instance, context = _common(body, hook)
+    patient_id = _identifier(context, "patientId", "context.")
+    references: tuple[str, ...] = ()
+    appointments: tuple[dict[str, Any], ...] = ()
+    performer = None
+    if hook == "order-dispatch":
+        references = _dispatched(context, max_orders)
+        performer = context.get("performer") if isinstance(context.get("performer"), str) else None
+        user_id = performer or ""
+    else:
+        user_id = _identifier(context, "userId", "context.")
+        appointments = _appointments(context, max_orders)
+    return HookRequest(
+        hook=hook, hook_instance=hook_instance, user_id=user_id, patient_id=patient_id,
+        encounter_id=_optional_id(context, "encounterId"), draft_orders=(), orders=(),
+        fhir_server=body.get("fhirServer") if isinstance(body.get("fhirServer"), str) else None,
+        fhir_authorization=body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict) else None,
+        prefetch=body.get("prefetch") if isinstance(body.get("prefetch"), dict) else None,
+        extension=extension if isinstance(extension := body.get("extension"), dict) else {},
+        order_references=references, appointments=appointments, performer=performer,
+    )
+
+
+def judged(resource: dict[str, Any]) -> bool:
+    """Is this a ServiceRequest the service judges (draft or active)?"""
+    return _judged(resource)
+
+
 def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookRequest:
     """Validate a request body for a service of `hook`; raise ApiError (400/413) naming the problem."""
+    if hook in ("order-dispatch", "appointment-book"):
+        return _parse_scheduling(body, hook, max_draft_orders)
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     sent_hook = _string(body, "hook", "")

@@ -189,3 +189,64 @@ def _context(values: dict[str, Any], unavailable: frozenset[str]) -> PatientCont
         unavailable=unavailable,
         organizations=_organizations(values.get("coverage")),
     )
+
+
+# The Da Vinci CRD guide's standard prefetch templates (CRDServices.json), text-equal, for the keys the decision
+# uses. A CRD client that fills only standard templates fills these; `conditions` is ours (not standard): read
+# when sent, else fetched from fhirServer once a sacroplasty is found.
+STANDARD_PATIENT = "Patient/{{context.patientId}}"
+STANDARD_COVERAGE = "Coverage?patient={{context.patientId}}&status=active"
+STANDARD_DISPATCHED_SERVICE_REQUESTS = (
+    "ServiceRequest?_id={{context.dispatchedOrders.ServiceRequest.id}}&_include=ServiceRequest:performer"
+    "&_include=ServiceRequest:requester&_include:iterate=PractitionerRole:organization"
+    "&_include:iterate=PractitionerRole:practitioner")
+HOOK_PREFETCH: dict[str, dict[str, str]] = {
+    "order-dispatch": {"patient": STANDARD_PATIENT, "coverage": STANDARD_COVERAGE,
+                       "servicerequest": STANDARD_DISPATCHED_SERVICE_REQUESTS},
+    "appointment-book": {"patient": STANDARD_PATIENT, "coverage": STANDARD_COVERAGE},
+}
+# Prefetch keys that may carry the ServiceRequests of order-dispatch / appointment-book: the guide's, and ours.
+SERVICE_REQUEST_KEYS = ("servicerequest", "serviceRequests")
+
+
+def prefetch_templates(hook: str) -> dict[str, str]:
+    """The prefetch templates a service of `hook` declares in discovery."""
+    return dict(HOOK_PREFETCH.get(hook, PREFETCH_TEMPLATES))
+
+
+def _within_order_cap(resource: dict[str, Any]) -> bool:
+    return limits.measure(resource, limits.MAX_ORDER_ELEMENTS, {})[1] is None
+
+
+def service_requests(hook_request: HookRequest, references: list[str],
+                     fhir: FhirFetcher | None = None) -> dict[str, dict[str, Any]]:
+    """The ServiceRequests named by `references` ("ServiceRequest/id"), by reference: from the prefetch first
+    (the guide's `servicerequest` key, or `serviceRequests`), else one search on fhirServer (its allow-list,
+    token and time budget apply: fhir.py). One beyond the order cap of limits.py is left out, as is one that
+    cannot be had: an order the service cannot read is not judged."""
+    wanted = {r.split("/", 1)[1] for r in references if r.startswith("ServiceRequest/")}
+    found: dict[str, dict[str, Any]] = {}
+    hook = repr(hook_request.hook_instance[:80])
+
+    def take(value: Any) -> None:
+        for resource in _resources(value, "ServiceRequest"):
+            rid = resource.get("id")
+            if isinstance(rid, str) and rid in wanted and _within_order_cap(resource):
+                found.setdefault(f"ServiceRequest/{rid}", resource)
+
+    prefetch = hook_request.prefetch or {}
+    for key in SERVICE_REQUEST_KEYS:
+        value = prefetch.get(key)
+        if isinstance(value, dict) and not _has_error(value) and not _over_cap(key, value, hook, "prefetch"):
+            take(value)
+    missing = sorted(rid for rid in wanted if f"ServiceRequest/{rid}" not in found)
+    if missing and fhir is not None and hook_request.fhir_server:
+        ids = ",".join(quote(rid, safe="") for rid in missing if FHIR_ID.fullmatch(rid))
+        if ids:
+            outcome = fhir.fetch(hook_request.fhir_server, hook_request.fhir_authorization,
+                                 {"servicerequest": f"ServiceRequest?_id={ids}&_count={FETCH_PAGE_SIZE}"},
+                                 hook_request.hook_instance)
+            value = outcome.values.get("servicerequest")
+            if isinstance(value, dict) and not _over_cap("servicerequest", value, hook, "fetched"):
+                take(value)
+    return found

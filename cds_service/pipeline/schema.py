@@ -166,6 +166,9 @@ class Card(Strict):
     delete_description: Text
     create_description: Text
     unnamed_order: Text  # what the card calls an order that has neither text nor code
+    # order-dispatch / appointment-book: the card goes to the performer or scheduler, who cannot change the
+    # order; this line says who decides on the alternatives. Optional: without it, no such line.
+    not_the_orderer: Text | None = None
 
 
 class Crd(Strict):
@@ -365,7 +368,7 @@ class ExamplesFile(Strict):
 
 
 class Service(Strict):
-    hook: Literal["order-select", "order-sign"]
+    hook: Literal["order-select", "order-sign", "order-dispatch", "appointment-book"]
     id: Annotated[str, Field(pattern=_ID.pattern)]
     title: Text
     description: Text
@@ -377,7 +380,7 @@ class CrdOption(Strict):
     name: Text
     description: Text
     default: bool | int | str
-    response: Literal["coverage-info", "alternatives"]
+    response: Literal["coverage-info", "alternatives", "max-cards"]
 
 
 class CrdConfig(Strict):

@@ -2,6 +2,7 @@
 
 The request is `{"feedback": [Feedback, ...]}`; each Feedback has `card`, `outcome` (accepted | overridden),
 `acceptedSuggestions` (required when accepted), optional `overrideReason` {`reason` Coding, `userComment`}
+(or, from older clients, the Coding itself: {`code`, `system`, `display`}, stored the same way)
 and `outcomeTimestamp` (RFC 3339). The spec gives no response body or status for feedback; this service
 answers 200 with `{"stored": n, "duplicates": m}`, a 400 naming every bad entry and field, a 413 for more
 than MAX_ENTRIES entries, or 503 when the database cannot take it (nothing stored: the client should send
@@ -214,6 +215,10 @@ def _entry(entry: Any, index: int, problems: _Problems, now: datetime) -> Feedba
         reason = entry["overrideReason"]
         if not isinstance(reason, dict):
             problems.add(f"{at}.overrideReason", "must be an object with 'reason' (a Coding) and/or 'userComment'")
+        elif "reason" not in reason and "userComment" not in reason and ("code" in reason or "system" in reason):
+            # The pre-2.0 shape (CDS Hooks 1.x drafts): overrideReason is the Coding itself. Stored as the
+            # 2.0 shape's reason would be, so reports count both alike.
+            system, code, display = _coding(reason, f"{at}.overrideReason", problems)
         else:
             if "reason" not in reason and "userComment" not in reason:
                 problems.add(f"{at}.overrideReason", "must hold 'reason', 'userComment' or both")

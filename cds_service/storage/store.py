@@ -1,8 +1,11 @@
-"""The database: cards issued, feedback received, and JWT ids already seen (replay protection).
+"""The database: cards issued, feedback received, JWT ids already seen (replay protection), and the CRD
+invocation log (one row per hook call: what CRD requires servers to retain, see README "Invocation log").
 
 SQLAlchemy Core over embedded SQLite by default (WAL mode, safe for several worker processes) or any
-SQLAlchemy URL, such as PostgreSQL for several instances. No patient identifiers or resource bodies are
-stored here; the one free text is the clinician's optional feedback `userComment`, stored as sent.
+SQLAlchemy URL, such as PostgreSQL for several instances. No patient identifiers or request bodies are
+stored here; the free texts are the clinician's optional feedback `userComment`, stored as sent, and the
+invocation log's responses as sent (CRD: "retain logs of all CRD-related hook invocations and their
+responses"), which hold the orders the service updated; those rows are pruned after CDS_AUDIT_RETENTION_DAYS.
 
 Schema changes: raise SCHEMA_VERSION and add MIGRATIONS[old_version], a function that brings a database at
 `old_version` to `old_version + 1` inside the start-up transaction (which holds a lock, so only one worker
@@ -17,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (
@@ -53,8 +56,7 @@ from cds_service.storage.writer import GroupWriter, Job
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+SCHEMA_VERSION = 2
 
 # Longest values the columns hold; feedback validation rejects longer ones with a 400.
 MAX_ID = 200        # card and suggestion uuids
@@ -113,6 +115,31 @@ seen_jti = Table(
     Column("jti", String(500), primary_key=True),
     Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
 )
+
+
+invocations = Table(
+    "invocations", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("hook_instance", String(200), index=True),  # null when the request had none (a 400)
+    Column("hook", String(50)),
+    Column("service_id", String(100), nullable=False),
+    Column("client", String(500)),  # the JWT `iss` of the CDS client; null in dev mode
+    Column("request_id", String(100)),
+    Column("received_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("answered_at", DateTime(timezone=True), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("decisions", Text, nullable=False),  # JSON list: order, covered, assertion id, pack, version
+    Column("response", Text, nullable=False),  # the response body as sent
+)
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: lambda conn: invocations.create(conn, checkfirst=True),  # schema 2: the invocation log
+}
+PRUNE_EVERY_SECONDS = 3600.0  # invocation log rows beyond the retention are deleted at most this often
+
+
+class _Invocations(list[dict[str, Any]]):
+    """A writer job's payload of invocation log rows (a list of card rows is the other kind)."""
 
 
 class StoreUnavailable(Exception):
@@ -272,6 +299,8 @@ class Store:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._next_purge = 0.0
+        self._next_prune = 0.0
+        self.audit_retention_days: int | None = None  # set by the caller (web/api.py) from the settings
         # Cards issued and JWT ids seen are written by one thread per process, many per transaction.
         self._writer = GroupWriter(self._write_batch, name="db-writer", retry_after=RETRY_AFTER_SECONDS)
 
@@ -400,6 +429,55 @@ class Store:
                                     ) from None
         return prepared
 
+    def record_invocation(self, row: dict[str, Any], retention_days: int | None = None) -> None:
+        """Queue one invocation log row (the columns of `invocations`; decisions as a list, response as bytes
+        or text). Returns at once and never raises: a failing database never blocks or fails an answer."""
+        if retention_days is not None:
+            self.audit_retention_days = retention_days
+        try:
+            prepared = dict(row)
+            prepared["decisions"] = json.dumps(row.get("decisions") or [], sort_keys=True)
+            response = row.get("response", b"")
+            prepared["response"] = response.decode("utf-8", "replace") if isinstance(response, bytes) \
+                else str(response)
+            for name in ("received_at", "answered_at"):
+                prepared[name] = as_utc(row[name])
+            prepared = check_record(invocations, prepared)
+        except InvalidRecord as exc:
+            self._drop(row, exc)
+            return
+        except (KeyError, AttributeError, TypeError, ValueError, OverflowError):
+            self._drop(row, InvalidRecord(invocations.name, "-", BAD_TYPE))
+            return
+        self._writer.submit(_Invocations([prepared]))
+
+    def invocations(self, hook_instance: str | None = None, since: datetime | None = None,
+                    limit: int = 1000) -> list[dict[str, Any]]:
+        """Invocation log rows, oldest first, for `cds-service audit`. Raises StoreUnavailable."""
+        self.ensure_schema()
+        self._check_available()
+        query = select(invocations).order_by(invocations.c.received_at, invocations.c.id).limit(limit)
+        if hook_instance is not None:
+            query = query.where(invocations.c.hook_instance == hook_instance)
+        if since is not None:
+            query = query.where(invocations.c.received_at >= as_utc(since))
+        try:
+            with self.engine.connect() as conn:
+                return [{**row, "decisions": json.loads(row["decisions"])} for row in conn.execute(query).mappings()]
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from exc
+
+    def prune_invocations(self, retention_days: int, now: datetime | None = None) -> int:
+        """Delete invocation log rows received more than `retention_days` ago; how many went."""
+        self.ensure_schema()
+        self._check_available()
+        cutoff = as_utc(now or utcnow()) - timedelta(days=retention_days)
+        try:
+            with self.engine.begin() as conn:
+                return int(conn.execute(delete(invocations).where(invocations.c.received_at < cutoff)).rowcount or 0)
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from exc
+
     def remember_jti(self, iss: str, jti: str, expires_at: datetime) -> bool:
         """True the first time (iss, jti) is seen; False for a replay. Raises StoreUnavailable, or its
         subclass InvalidRecord for an id the table cannot hold (checked here, so it never fails a batch)."""
@@ -429,20 +507,41 @@ class Store:
             except StoreUnavailable as exc:
                 for job in checks:
                     job.finish(error=exc)
-        cards = [job for job in jobs if not job.waited]
-        if not cards:
-            return []
+        again: list[Job] = []
+        logged = [job for job in jobs if not job.waited and isinstance(job.payload, _Invocations)]
+        if logged:
+            again += self._write_rows(invocations, logged)
+            self._prune_if_due()
+        cards = [job for job in jobs if not job.waited and not isinstance(job.payload, _Invocations)]
+        if cards:
+            again += self._write_rows(cards_issued, cards)
+        return again
+
+    def _prune_if_due(self) -> None:
+        """The service prunes its invocation log itself, at most every PRUNE_EVERY_SECONDS per process."""
+        if self.audit_retention_days is None or time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
         try:
-            self._write(cards_issued, [row for job in cards for row in job.payload])
-        except InvalidRecord:
-            return self._write_one_by_one(cards)  # find the bad record(s); store all the others
+            gone = self.prune_invocations(self.audit_retention_days)
         except StoreUnavailable as exc:
-            rows = sum(len(job.payload) for job in cards)
-            log.warning("database unavailable (%s): %d card record(s) kept for a later try", exc, rows)
-            return cards
+            log.warning("invocation log not pruned (%s); tried again later", exc)
+            return
+        if gone:
+            log.info("invocation log: %d row(s) older than %d days pruned", gone, self.audit_retention_days)
+
+    def _write_rows(self, table: Table, jobs: Sequence[Job]) -> list[Job]:
+        try:
+            self._write(table, [row for job in jobs for row in job.payload])
+        except InvalidRecord:
+            return self._write_one_by_one(jobs, table)  # find the bad record(s); store all the others
+        except StoreUnavailable as exc:
+            rows = sum(len(job.payload) for job in jobs)
+            log.warning("database unavailable (%s): %d %s record(s) kept for a later try", exc, rows, table.name)
+            return list(jobs)
         return []
 
-    def _write_one_by_one(self, cards: Sequence[Job]) -> list[Job]:
+    def _write_one_by_one(self, cards: Sequence[Job], table: Table = cards_issued) -> list[Job]:
         """After a batch was refused for its data: each record in a transaction of its own, dropping only those
         the database refuses. Returns the jobs (holding their unwritten records) to try again later when the
         database goes away meanwhile."""
@@ -450,11 +549,12 @@ class Store:
             rows = list(job.payload)
             for index, row in enumerate(rows):
                 try:
-                    self._write(cards_issued, [row])
+                    self._write(table, [row])
                 except InvalidRecord as exc:
                     self._drop(row, exc)
                 except StoreUnavailable as exc:
-                    job.payload = rows[index:]
+                    job.payload = _Invocations(rows[index:]) if isinstance(job.payload, _Invocations) \
+                        else rows[index:]
                     again = list(cards[position:])
                     log.warning("database unavailable (%s): %d card record(s) kept for a later try", exc,
                                 sum(len(j.payload) for j in again))

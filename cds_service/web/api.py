@@ -103,10 +103,13 @@ def invoke(service_id: str) -> Response:
     service = _service(service_id)
     g.service_id = service.id
     authenticate(service)
+    g.invocation_received = datetime.now(timezone.utc)  # authenticated: logged from here on, whatever the end
     body = read_json()
     if isinstance(body, dict) and isinstance(body.get("hookInstance"), str):
         g.hook_instance = loggable(body["hookInstance"])
+        g.invocation_hook = body.get("hook") if isinstance(body.get("hook"), str) else None
     evaluation = evaluator().evaluate(service, body, base_url=request.host_url)
+    g.evaluation = evaluation
     _record(service, evaluation)
     g.cards = len(evaluation.response["cards"])
     return jsonify(evaluation.response)
@@ -132,6 +135,35 @@ def _record(service: Service, evaluation: Evaluation) -> None:
         "evidence": i.decision.match.evidence,
         "suggestions": i.suggestions,
     } for i in evaluation.issued])
+
+
+@bp.after_request
+def _log_invocation(response: Response) -> Response:
+    """The CRD invocation log (storage/store.py `invocations`): one row per authenticated hook call, its answer
+    or error included. Queued, never awaited; nothing of the request body beyond hookInstance and hook."""
+    received = g.get("invocation_received")
+    store = current_app.extensions.get("cds_store")
+    if received is None or store is None or request.endpoint != "cds.invoke":
+        return response
+    try:
+        evaluation: Evaluation | None = g.get("evaluation")
+        hook_request = evaluation.hook_request if evaluation is not None else None
+        client = g.get("client")
+        store.record_invocation({
+            "hook_instance": hook_request.hook_instance if hook_request else g.get("hook_instance"),
+            "hook": hook_request.hook if hook_request else g.get("invocation_hook"),
+            "service_id": g.get("service_id"),
+            "client": getattr(client, "iss", None),
+            "request_id": g.get("request_id"),
+            "received_at": received,
+            "answered_at": datetime.now(timezone.utc),
+            "status": response.status_code,
+            "decisions": list(evaluation.decisions) if evaluation is not None else [],
+            "response": response.get_data(),
+        }, retention_days=current_app.config["CDS_SETTINGS"].audit_retention_days)
+    except Exception as exc:  # noqa: BLE001 - the log never costs the clinician the answer
+        log.error("invocation log row not queued: %s", type(exc).__name__)
+    return response
 
 
 @bp.post("/cds-services/<service_id>/feedback")
