@@ -23,6 +23,9 @@ def _write_queued_records(_server: Any, worker: Any) -> None:
     store = app.extensions.get("cds_store") if app is not None else None
     if store is not None:
         store.close()
+    from cds_service import metrics
+
+    metrics.stopped_cleanly()
 
 
 def _worker_gone(_server: Any, worker: Any) -> None:
@@ -30,7 +33,7 @@ def _worker_gone(_server: Any, worker: Any) -> None:
     nothing after a clean stop; after SIGKILL, its calls in flight and queued card records)."""
     from cds_service import metrics
 
-    metrics.worker_exited(worker.pid, clean=not getattr(worker, "aborted", False))
+    metrics.worker_exited(worker.pid)
 
 
 def _serve(args: argparse.Namespace) -> int:

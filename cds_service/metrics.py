@@ -43,6 +43,9 @@ WRITER_DEPTH = Gauge("cds_writer_queue_depth", "Card records (and token ids) wai
 RECORDS_DROPPED = Counter("cds_records_dropped_total", "Card records not stored, by reason (invalid: the database "
                           "can never hold it; overflow: dropped while the database was down)", ["reason"])
 DB_ERRORS = Counter("cds_database_errors_total", "Database writer batches that failed or were put off")
+STOPPED_CLEANLY = Gauge("cds_worker_stopped_cleanly", "1 once a worker has flushed its writer at a graceful stop",
+                        multiprocess_mode="livesum")
+WORKERS_DIED = Counter("cds_workers_died_total", "Workers that exited without a clean stop (killed, crashed)")
 WORKER_LOSSES = Counter("cds_worker_lost_total", "What workers that died without a clean stop lost: calls in "
                         "flight and card records not yet written", ["what"])
 
@@ -53,7 +56,7 @@ FETCH_OUTCOMES = frozenset({"ok", "timeout", "refused_origin", "error"})
 
 def remake_unlabelled() -> None:
     """Give the unlabelled metrics new values of prometheus-client's current value class (serving/metricsdir)."""
-    for metric in (IN_PROGRESS, WRITER_DEPTH, DB_ERRORS):
+    for metric in (IN_PROGRESS, WRITER_DEPTH, DB_ERRORS, STOPPED_CLEANLY, WORKERS_DIED):
         metric._metric_init()
 
 
@@ -76,24 +79,36 @@ def _live_value(path: str, metric: str) -> float:
     return total
 
 
-def worker_exited(pid: int, clean: bool) -> tuple[int, int]:
-    """gunicorn's child_exit, in the master: what the worker `pid` left unfinished (calls in flight, card records
-    not written), counted and logged when anything was lost; then its live gauges are retired."""
+def stopped_cleanly() -> None:
+    """gunicorn's worker_exit, in the worker, after its writer is flushed: tells the master the stop was clean."""
+    STOPPED_CLEANLY.set(1)
+
+
+def worker_exited(pid: int) -> tuple[bool, int, int]:
+    """gunicorn's child_exit, in the master: whether the worker `pid` stopped cleanly, and what it left
+    unfinished (calls its application was answering, card records not yet written), read from its gauge file.
+    An unclean exit (SIGKILL, a crash) is counted and logged with its losses; then its live gauges retire."""
     path = os.environ.get(ENV)
     if not path:
-        return 0, 0
+        return True, 0, 0
     from prometheus_client import multiprocess as mp
 
     gauge_file = os.path.join(path, f"gauge_livesum_{pid}.db")
+    clean = _live_value(gauge_file, STOPPED_CLEANLY._name) >= 1
     calls = int(_live_value(gauge_file, IN_PROGRESS._name))
     records = int(_live_value(gauge_file, WRITER_DEPTH._name))
-    if calls or records:
+    if not clean or calls or records:
         WORKER_LOSSES.labels("calls").inc(calls)
         WORKER_LOSSES.labels("records").inc(records)
-        log.error("worker %d exited %s: lost %d call(s) in flight and %d card record(s) not yet written",
-                  pid, "cleanly" if clean else "without a clean stop", calls, records)
+    if not clean:
+        WORKERS_DIED.inc()
+        log.error("worker %d exited without a clean stop: lost %d call(s) in flight and %d card record(s) not "
+                  "yet written", pid, calls, records)
+    elif calls or records:
+        log.error("worker %d stopped with %d call(s) in flight and %d card record(s) not written", pid, calls,
+                  records)
     mp.mark_process_dead(pid, path)
-    return calls, records
+    return clean, calls, records
 
 
 # --- the scrape ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def _switch_already_made_metrics() -> None:
     values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
     made = sys.modules.get("cds_service.metrics")
     if made is not None:
-        made.remake_unlabelled()  # type: ignore[attr-defined]
+        made.remake_unlabelled()
 
 
 def remove_multiprocess_dir() -> None:

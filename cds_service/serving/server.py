@@ -38,6 +38,7 @@ HEARTBEAT_SECONDS = 1.0  # how often a worker tells the master it is alive
 IDLE_CONNECTION_SECONDS = 30  # a connection with nothing happening on it is closed after this
 MAX_CONNECTIONS = 1000  # open connections per worker (each one is a socket, not a thread)
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (431 beyond)
+JUST_ACCEPTED_SECONDS = 0.5  # at a graceful stop, a connection this fresh is waited for (see _busy)
 
 
 class JsonErrorTask(ErrorTask):
@@ -174,7 +175,12 @@ def _recycling_app(worker: Any, app: Callable[..., Iterable[bytes]], limit: int)
 
 
 def _busy(socket_map: dict[int, Any], dispatcher: Any) -> bool:
-    """True while a request is being answered or an answer is still being sent."""
+    """True while a request is being answered, read, or an answer is still being sent; or while a connection
+    accepted a moment ago (its request surely on its way) has not yet sent it. A keep-alive connection idle
+    for longer is closed: waiting for it would hold the stop for up to IDLE_CONNECTION_SECONDS."""
     if dispatcher.queue or dispatcher.active_count:
         return True
-    return any(isinstance(c, HTTPChannel) and (c.requests or c.total_outbufs_len) for c in socket_map.values())
+    now = time.time()
+    return any(isinstance(c, HTTPChannel) and (c.requests or c.total_outbufs_len or c.request is not None
+                                               or now - c.last_activity < JUST_ACCEPTED_SECONDS)
+               for c in socket_map.values())
