@@ -54,6 +54,12 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    from cds_service.serving.logs import FORMATS
+
+    if settings.log_format not in FORMATS:
+        print(f"error: CDS_LOG_FORMAT must be one of {', '.join(FORMATS)}, not {settings.log_format!r}",
+              file=sys.stderr)
+        return 2
     if not settings.dev and settings.clients_file:
         from cds_service.auth.tokens import ClientsFileError, load_clients
 

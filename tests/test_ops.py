@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,14 +51,21 @@ def test_ready_is_503_when_the_writer_is_backed_up(tmp_path: Path, monkeypatch) 
 
 def test_a_policy_pack_that_does_not_load_stops_the_service(tmp_path: Path) -> None:
     cards = tmp_path / "cards"
-    cards.mkdir()
-    (cards / "broken.yaml").write_text("id: [\n", encoding="utf-8")
+    shutil.copytree(ROOT / "cards", cards)
+    (cards / "ccp1247-sacroplasty" / "policy.json").write_text("{", encoding="utf-8")
     result = subprocess.run([sys.executable, "-m", "cds_service.cli", "serve", "--dev", "--port", "1"],
                             env={"PATH": "/usr/bin:/bin", "CDS_CARDS_DIR": str(cards),
                                  "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert "error:" in result.stderr
+    assert "error:" in result.stderr and "policy.json" in result.stderr
+
+
+def test_an_unknown_log_format_stops_the_service(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "cds_service.cli", "serve", "--dev", "--port", "1"],
+                            env={"PATH": "/usr/bin:/bin", "CDS_LOG_FORMAT": "xml", "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and "CDS_LOG_FORMAT" in result.stderr
 
 
 def test_health_and_ready_are_not_in_the_info_log(client, caplog) -> None:
