@@ -4,13 +4,20 @@ default, the token enforced, no patient data in any label or value."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
 
 import requests
 from conftest import load_fixture
+from prometheus_client import REGISTRY
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from test_security import CPT, CPT_PATIENT_DATA, SELECT, SIGN, leaked
+
+from cds_service import metrics
+from cds_service.fhir import FhirReader
+from cds_service.storage.writer import GroupWriter
 
 N = 12  # calls of each kind; with 2 workers, both answer some of them
 SIGN_FIXTURE = "order-sign-mixed.json"
@@ -87,3 +94,58 @@ def test_metrics_token_is_enforced_on_the_real_server(start_server) -> None:
                         timeout=10).status_code == 401
     answer = requests.get(f"{server.url}/metrics", headers={"Authorization": "Bearer scrape-me"}, timeout=10)
     assert answer.status_code == 200 and "cds_writer_queue_depth" in answer.text
+
+
+# --- the metrics' sources, in process -------------------------------------------------------------------------
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_writer_depth_and_overflow_drops_are_counted() -> None:
+    dropped, errors = value("cds_records_dropped_total", reason="overflow"), value("cds_database_errors_total")
+    writer = GroupWriter(lambda jobs: list(jobs), max_parked=2, retry_after=60)  # the database is down
+    for _ in range(3):
+        writer.submit([{"row": 1}])
+        writer.flush(timeout=0.5)
+    assert writer.depth == 2  # two parked, one dropped to bound memory
+    assert value("cds_records_dropped_total", reason="overflow") == dropped + 1
+    assert value("cds_database_errors_total") > errors
+    ok = GroupWriter(lambda jobs: [])
+    ok.submit([{"row": 1}, {"row": 2}])
+    assert ok.flush() and ok.depth == 0
+
+
+def test_a_refused_fhir_origin_is_counted_and_sends_nothing() -> None:
+    before = value("cds_fhir_fetches_total", outcome="refused_origin")
+    outcome = FhirReader(["https://allowed.example.org"], 0.5).fetch(
+        "https://elsewhere.example.org/fhir", None, {"patient": "Patient/1", "coverage": "Coverage?x=1"}, "h-1")
+    assert not outcome.attempted
+    assert value("cds_fhir_fetches_total", outcome="refused_origin") == before + 2
+
+
+def test_labels_are_bounded() -> None:
+    assert metrics.auth_reason("unreadable:DecodeError") == "unreadable"
+    assert metrics.auth_reason(None) == "no_token"
+    assert metrics.fetch_outcome("timed out") == "timeout" and metrics.fetch_outcome("HTTP 500") == "error"
+    response = {"systemActions": [{"resource": {"extension": [
+        {"url": "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information",
+         "extension": [{"url": "covered", "valueCode": "not-covered"}]},
+        {"url": "x-coverage-information", "extension": [{"url": "covered", "valueCode": "Whitfield"}]}]}}]}
+    assert metrics.coverage_values(response) == ["not-covered", "other"]
+
+
+def test_a_dead_workers_losses_are_read_counted_and_its_file_retired(tmp_path: Path, monkeypatch,
+                                                                     caplog) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    gauges = MmapedDict(str(tmp_path / "gauge_livesum_4242.db"))
+    for metric, amount in ((metrics.IN_PROGRESS, 3), (metrics.WRITER_DEPTH, 7)):
+        gauges.write_value(mmap_key(metric._name, metric._name, [], [], metric._documentation), amount, 0)
+    gauges.close()
+    died, records = value("cds_workers_died_total"), value("cds_worker_lost_total", what="records")
+    caplog.set_level(logging.ERROR)
+    assert metrics.worker_exited(4242) == (False, 3, 7)
+    assert value("cds_workers_died_total") == died + 1
+    assert value("cds_worker_lost_total", what="records") == records + 7
+    assert "worker 4242 exited without a clean stop: lost 3 call(s) in flight and 7 card record(s)" in caplog.text
+    assert not (tmp_path / "gauge_livesum_4242.db").exists()
