@@ -28,8 +28,17 @@ def health() -> Response:
     return jsonify({"status": "ok"})
 
 
-def _database_answers(engine: Any, seconds: float) -> str | None:
-    """None when `SELECT 1` returns within `seconds`; else why not (no connection details, no URL)."""
+class NotReadyError(Exception):
+    """Why this worker should get no calls now: `reason` (policy, database, writer) and a message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _check_database(engine: Any, seconds: float) -> None:
+    """Returns when `SELECT 1` answers within `seconds`; else NotReadyError (no connection details, no URL)."""
     outcome: dict[str, str | None] = {}
 
     def probe() -> None:
@@ -38,14 +47,15 @@ def _database_answers(engine: Any, seconds: float) -> str | None:
                 conn.execute(text("SELECT 1"))
             outcome["error"] = None
         except Exception as exc:  # noqa: BLE001 - any failure means not ready; the type names it
-            outcome["error"] = f"the database did not answer ({type(exc).__name__})"
+            outcome["error"] = type(exc).__name__
 
     thread = threading.Thread(target=probe, name="ready-probe", daemon=True)
     thread.start()
     thread.join(seconds)
     if "error" not in outcome:
-        return f"the database did not answer within {seconds:g} s"
-    return outcome["error"]
+        raise NotReadyError("database", f"the database did not answer within {seconds:g} s")
+    if outcome["error"] is not None:
+        raise NotReadyError("database", f"the database did not answer ({outcome['error']})")
 
 
 def writer_depth(store: Any) -> int:
@@ -54,35 +64,33 @@ def writer_depth(store: Any) -> int:
     return int(getattr(writer, "depth", 0))
 
 
-def readiness() -> tuple[str, str] | None:
-    """None when this worker can serve; else (reason, message)."""
+def check_ready() -> None:
+    """Returns when this worker can serve; else NotReadyError."""
     settings = current_app.config["CDS_SETTINGS"]
     evaluator = current_app.extensions.get("cds_evaluator")
     if evaluator is None or not evaluator.services:
-        return "policy", "no policy pack is loaded"
+        raise NotReadyError("policy", "no policy pack is loaded")
     store = current_app.extensions.get("cds_store")
     if store is None:
-        return "database", "no database is configured"
-    problem = _database_answers(store.engine, settings.ready_db_seconds)
-    if problem:
-        return "database", problem
+        raise NotReadyError("database", "no database is configured")
+    _check_database(store.engine, settings.ready_db_seconds)
     depth = writer_depth(store)
     if depth > settings.ready_max_queue:
-        return "writer", f"{depth} records wait for the database writer (more than {settings.ready_max_queue})"
-    return None
+        raise NotReadyError("writer", f"{depth} records wait for the database writer (more than "
+                                      f"{settings.ready_max_queue})")
 
 
 @bp.get("/ready")
 def ready() -> Response:
     """Readiness: the packs are loaded, the database answers in time, the writer is not backed up."""
-    problem = readiness()
-    if problem is None:
-        return jsonify({"status": "ready"})
-    reason, message = problem
-    response = jsonify({"status": "unavailable", "reason": reason, "message": message})
-    response.status_code = 503
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    try:
+        check_ready()
+    except NotReadyError as problem:
+        response = jsonify({"status": "unavailable", "reason": problem.reason, "message": problem.message})
+        response.status_code = 503
+        response.headers["Cache-Control"] = "no-store"
+        return response
+    return jsonify({"status": "ready"})
 
 
 @bp.get("/metrics")
