@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -52,20 +53,21 @@ def test_counters_equal_the_calls_across_two_workers(start_server, tmp_path: Pat
     log = tmp_path / "server.log"
     server = start_server(env={"CDS_METRICS": "1", "CDS_LOG_FORMAT": "json", "CDS_TEST_LOG": str(log)},
                           args=["--dev"], workers=2)
-    cards = []
-    for _ in range(N):
+
+    def calls(_: int) -> None:  # one of each kind; 4 at a time, so that both workers take some
         answer = requests.post(f"{server.url}/cds-services/{SELECT}", json=load_fixture(CPT), timeout=10)
         assert answer.status_code == 200
-        cards.append(answer.json()["cards"][0])
+        feedback = {"feedback": [{"card": answer.json()["cards"][0]["uuid"], "outcome": "overridden",
+                                  "outcomeTimestamp": "2024-05-02T08:00:00Z"}]}
+        assert requests.post(f"{server.url}/cds-services/{SELECT}/feedback", json=feedback,
+                             timeout=10).status_code == 200
         assert requests.post(f"{server.url}/cds-services/{SIGN}", json=load_fixture(SIGN_FIXTURE),
                              timeout=10).status_code == 200
         assert requests.post(f"{server.url}/cds-services/{SELECT}", data=b"{", timeout=10,
                              headers={"Content-Type": "application/json"}).status_code == 400
-    for card in cards:
-        feedback = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
-                                  "outcomeTimestamp": "2024-05-02T08:00:00Z"}]}
-        assert requests.post(f"{server.url}/cds-services/{SELECT}/feedback", json=feedback,
-                             timeout=10).status_code == 200
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(calls, range(N)))
     for _ in range(6):  # new connections: the scrape is answered by either worker, and shows both
         text = requests.get(f"{server.url}/metrics", timeout=10).text
         assert sample(text, "cds_hook_calls_total", service=SELECT, hook="order-select", status="200") == N
@@ -111,6 +113,7 @@ def test_writer_depth_and_overflow_drops_are_counted() -> None:
     assert writer.depth == 2  # two parked, one dropped to bound memory
     assert value("cds_records_dropped_total", reason="overflow") == dropped + 1
     assert value("cds_database_errors_total") > errors
+    writer.close(timeout=1.0)  # now, not at exit: its "could not be written" line goes to the test's log
     ok = GroupWriter(lambda jobs: [])
     ok.submit([{"row": 1}, {"row": 2}])
     assert ok.flush() and ok.depth == 0
