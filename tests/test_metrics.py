@@ -3,6 +3,7 @@ default, the token enforced, no patient data in any label or value."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
@@ -114,6 +115,7 @@ def test_writer_depth_and_overflow_drops_are_counted() -> None:
     assert value("cds_records_dropped_total", reason="overflow") == dropped + 1
     assert value("cds_database_errors_total") > errors
     writer.close(timeout=1.0)  # now, not at exit: its "could not be written" line goes to the test's log
+    atexit.unregister(writer.close)
     ok = GroupWriter(lambda jobs: [])
     ok.submit([{"row": 1}, {"row": 2}])
     assert ok.flush() and ok.depth == 0
