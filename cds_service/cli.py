@@ -23,13 +23,28 @@ def _write_queued_records(_server: Any, worker: Any) -> None:
     store = app.extensions.get("cds_store") if app is not None else None
     if store is not None:
         store.close()
+    from cds_service import metrics
+
+    metrics.stopped_cleanly()
+
+
+def _worker_gone(_server: Any, worker: Any) -> None:
+    """gunicorn's child_exit hook, in the master: count and log what a worker left unwritten (cds_service.metrics:
+    nothing after a clean stop; after SIGKILL, its calls in flight and queued card records)."""
+    from cds_service import metrics
+
+    metrics.worker_exited(worker.pid)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
+    from cds_service.serving.metricsdir import prepare_multiprocess_dir, remove_multiprocess_dir
+
+    prepare_multiprocess_dir()  # before prometheus_client is imported: every worker's metrics in one scrape
     from cds_service import create_app
     from cds_service.pipeline import evaluate  # noqa: F401  (imported before the fork: workers share the pages)
+    from cds_service.serving.logs import gunicorn_logger_class
     from cds_service.serving.server import WaitressWorker
 
     if args.dev:
@@ -38,6 +53,12 @@ def _serve(args: argparse.Namespace) -> int:
     problem = settings.production_problem()
     if problem:
         print(f"error: {problem}", file=sys.stderr)
+        return 2
+    from cds_service.serving.logs import FORMATS
+
+    if settings.log_format not in FORMATS:
+        print(f"error: CDS_LOG_FORMAT must be one of {', '.join(FORMATS)}, not {settings.log_format!r}",
+              file=sys.stderr)
         return 2
     if not settings.dev and settings.clients_file:
         from cds_service.auth.tokens import ClientsFileError, load_clients
@@ -76,6 +97,12 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("errorlog", "-")
             self.cfg.set("loglevel", "info")
             self.cfg.set("worker_exit", _write_queued_records)
+            self.cfg.set("child_exit", _worker_gone)
+            self.cfg.set("on_exit", lambda _server: remove_multiprocess_dir())
+            self.cfg.set("logger_class", gunicorn_logger_class(settings.log_format))
+            # Worker recycling: a worker stops gracefully after about this many requests (0: never).
+            self.cfg.set("max_requests", args.max_requests)
+            self.cfg.set("max_requests_jitter", args.max_requests_jitter)
 
         def load(self) -> Any:
             app = create_app(settings)
@@ -87,7 +114,10 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.dev:
         logging.getLogger("cds_service").warning(
             "DEV MODE: starting WITHOUT client authentication on %s:%s", args.host, args.port)
-    Server().run()
+    try:
+        Server().run()
+    finally:
+        remove_multiprocess_dir()
     return 0
 
 
@@ -269,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=2)
     serve.add_argument("--threads", type=int, default=4, help="threads per worker (default 4)")
+    serve.add_argument("--max-requests", type=int, default=0, metavar="N",
+                       help="restart each worker gracefully after about N requests (default 0: never)")
+    serve.add_argument("--max-requests-jitter", type=int, default=0, metavar="N",
+                       help="add up to N at random to --max-requests, so workers do not restart together")
     serve.add_argument("--dev", action="store_true",
                        help="local, trusted set-up: no client authentication (also CDS_DEV=1)")
     serve.set_defaults(func=_serve)

@@ -54,6 +54,12 @@ class Settings:
     fixtures_dir: Path = field(default_factory=_default_fixtures_dir)
     log_level: str = "INFO"
     audit_retention_days: int = 2555  # CDS_AUDIT_RETENTION_DAYS (about 7 years): older invocation log rows pruned
+    # Operations (docs/operations.md): /metrics off unless asked for; the readiness thresholds; log format.
+    metrics: bool = False
+    metrics_token: str | None = None
+    log_format: str = "text"
+    ready_db_seconds: float = 1.0
+    ready_max_queue: int = 5000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -76,6 +82,11 @@ class Settings:
             fixtures_dir=Path(env["CDS_FIXTURES_DIR"]) if env.get("CDS_FIXTURES_DIR") else defaults.fixtures_dir,
             log_level=env.get("CDS_LOG_LEVEL") or defaults.log_level,
             audit_retention_days=int(env.get("CDS_AUDIT_RETENTION_DAYS") or defaults.audit_retention_days),
+            metrics=_flag(env.get("CDS_METRICS")),
+            metrics_token=env.get("CDS_METRICS_TOKEN") or None,
+            log_format=(env.get("CDS_LOG_FORMAT") or defaults.log_format).strip().lower(),
+            ready_db_seconds=float(env.get("CDS_READY_DB_SECONDS") or defaults.ready_db_seconds),
+            ready_max_queue=int(env.get("CDS_READY_MAX_QUEUE") or defaults.ready_max_queue),
         )
 
     def production_problem(self) -> str | None:

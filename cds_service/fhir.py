@@ -32,6 +32,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from cds_service import metrics
 from cds_service.pipeline.fhirjson import bundle_entries
 
 log = logging.getLogger(__name__)
@@ -335,11 +336,13 @@ class FhirReader:
         if not self.allows(base):
             log.warning("hookInstance=%s: fhirServer origin %r is not in CDS_FHIR_ALLOWED_ORIGINS; ignored "
                         "(no call made), deciding without %s", hook, base.origin, ", ".join(queries))
+            metrics.FHIR_FETCHES.labels("refused_origin").inc(len(queries))
             return FetchOutcome()
         usable, token = bearer_token(authorization)
         if not usable or self.budget <= 0:
             why = "fhirAuthorization has no usable bearer access_token" if not usable else "no time budget"
             log.warning("hookInstance=%s: not fetching %s from %s: %s", hook, ", ".join(queries), base.origin, why)
+            metrics.FHIR_FETCHES.labels("error").inc(len(queries))
             return FetchOutcome(failed=frozenset(queries), attempted=True)
 
         started = time.monotonic()
@@ -352,13 +355,15 @@ class FhirReader:
         values: dict[str, Any] = {}
         failed = set()
         for key, future in futures.items():
-            if not future.done():
+            timed_out = not future.done()
+            if timed_out:
                 future.cancel()
                 reason: str | None = f"no answer within the {self.budget:g} s budget"
             else:
                 error = future.exception()
                 reason = str(error) if isinstance(error, FetchError) else (
                     f"unexpected {type(error).__name__}" if error else None)
+            metrics.FHIR_FETCHES.labels("timeout" if timed_out else metrics.fetch_outcome(reason)).inc()
             if reason is None:
                 values[key] = future.result()
             else:

@@ -24,6 +24,7 @@ from typing import Any
 
 import jwt
 
+from cds_service import metrics
 from cds_service.auth.clients import ClientsFileError, TrustedClient, load_clients
 from cds_service.auth.keysets import ALGORITHMS, KeyNotFound, KeySetCache, key_for
 from cds_service.config import ConfigError, Settings
@@ -111,12 +112,14 @@ class Authenticator:
         store is down)."""
         if not header or not header.strip():
             log.warning("refused call: service=%s reason=no_token", service_id)
+            metrics.AUTH_REFUSALS.labels("no_token").inc()
             raise _unauthorized(None)
         try:
             return self._verify(header, service_id, feedback)
         except _Refused as refused:
             log.warning("refused token: service=%s reason=%s iss=%s", service_id, refused.reason,
                         refused.iss or "-")
+            metrics.AUTH_REFUSALS.labels(metrics.auth_reason(refused.reason)).inc()
             raise _unauthorized(refused.reason) from None
 
     def _verify(self, header: str, service_id: str, feedback: bool) -> Client:

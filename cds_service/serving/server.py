@@ -21,7 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -35,6 +38,7 @@ HEARTBEAT_SECONDS = 1.0  # how often a worker tells the master it is alive
 IDLE_CONNECTION_SECONDS = 30  # a connection with nothing happening on it is closed after this
 MAX_CONNECTIONS = 1000  # open connections per worker (each one is a socket, not a thread)
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together (431 beyond)
+JUST_ACCEPTED_SECONDS = 0.5  # at a graceful stop, a connection this fresh is waited for (see _busy)
 
 
 class JsonErrorTask(ErrorTask):
@@ -110,12 +114,16 @@ class WaitressWorker(Worker):
     max_body_bytes = 2 * 1024 * 1024
     request_read_seconds = 30.0
 
+    def _recycled_after(self, limit: int) -> Callable[..., Iterable[bytes]]:
+        return _recycling_app(self, self.wsgi, limit)
+
     def run(self) -> None:
         # "Task queue depth is N" at every request that waits for a thread: under load a warning per call
         # (and, warnings being flushed at once, a write per call); a full queue is what the bench measures.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         socket_map: dict[int, Any] = {}
-        server = create_server(self.wsgi, map=socket_map, sockets=[listener.sock for listener in self.sockets],
+        app = self.wsgi if self.max_requests >= sys.maxsize else self._recycled_after(self.max_requests)
+        server = create_server(app, map=socket_map, sockets=[listener.sock for listener in self.sockets],
                                **waitress_settings(self.cfg.threads, self.max_body_bytes))
         listeners = [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]
         for listener in listeners:
@@ -146,8 +154,33 @@ class WaitressWorker(Worker):
             wasyncore.close_all(socket_map)
 
 
+def _recycling_app(worker: Any, app: Callable[..., Iterable[bytes]], limit: int) -> Callable[..., Iterable[bytes]]:
+    """`app`, counting requests; after `limit` of them the worker stops gracefully (gunicorn's --max-requests,
+    which gunicorn leaves to each worker class) and the master starts a fresh one."""
+    lock = threading.Lock()
+    served = [0]
+
+    def counted(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return app(environ, start_response)
+        finally:
+            with lock:
+                served[0] += 1
+                due = served[0] == limit
+            if due:
+                worker.log.info("Autorestarting worker after current request (max requests: %d)", limit)
+                worker.alive = False
+
+    return counted
+
+
 def _busy(socket_map: dict[int, Any], dispatcher: Any) -> bool:
-    """True while a request is being answered or an answer is still being sent."""
+    """True while a request is being answered, read, or an answer is still being sent; or while a connection
+    accepted a moment ago (its request surely on its way) has not yet sent it. A keep-alive connection idle
+    for longer is closed: waiting for it would hold the stop for up to IDLE_CONNECTION_SECONDS."""
     if dispatcher.queue or dispatcher.active_count:
         return True
-    return any(isinstance(c, HTTPChannel) and (c.requests or c.total_outbufs_len) for c in socket_map.values())
+    now = time.time()
+    return any(isinstance(c, HTTPChannel) and (c.requests or c.total_outbufs_len or c.request is not None
+                                               or now - c.last_activity < JUST_ACCEPTED_SECONDS)
+               for c in socket_map.values())

@@ -391,6 +391,11 @@ class Store:
             raise InvalidRecord(table.name, "-", _permanent(exc) or BAD_TYPE) from exc
 
     @property
+    def writer_depth(self) -> int:
+        """Records waiting in this process's writer (queued, being written, or parked while the database is away)."""
+        return self._writer.depth
+
+    @property
     def stats(self) -> dict[str, int]:
         """This process's writer counters (see GroupWriter.stats): dropped_invalid counts the card records
         refused for good because the database could never hold them."""

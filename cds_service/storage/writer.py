@@ -28,6 +28,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cds_service import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -82,6 +84,10 @@ class GroupWriter:
         """Add `n` to the counter `name` (e.g. dropped_invalid: records refused for good)."""
         with self._stats_lock:
             self._stats[name] += n
+        if name.startswith("dropped_"):
+            metrics.RECORDS_DROPPED.labels(name[len("dropped_"):]).inc(n)
+        elif name == "failed_batches":
+            metrics.DB_ERRORS.inc(n)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -107,6 +113,17 @@ class GroupWriter:
         self._finished = 0  # every job with seq <= this has been tried at least once
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._depth = 0  # items (card records, token ids) submitted and not yet written or dropped
+
+    @property
+    def depth(self) -> int:
+        """Items waiting in this process's writer: queued, in the batch being written, or parked."""
+        return self._depth
+
+    def _add_depth(self, n: int) -> None:
+        """Under self._cond. Mirrored in a gauge, which also tells the master what a killed worker lost."""
+        self._depth += n
+        metrics.WRITER_DEPTH.set(self._depth)
 
     def _ensure_thread(self) -> None:
         if self._pid != os.getpid():
@@ -122,6 +139,7 @@ class GroupWriter:
             self._submitted += 1
             job.seq = self._submitted
             self._queue.append(job)
+            self._add_depth(_size(job))
             if waited:
                 self._cond.notify()
         return job
@@ -194,6 +212,8 @@ class GroupWriter:
             with self._cond:
                 if again:
                     self._park(again)
+                    metrics.DB_ERRORS.inc()
+                self._add_depth(-sum(_size(job) for job in batch) + sum(_size(job) for job in again))
                 self._finished = max([self._finished] + [job.seq for job in batch])
                 self._cond.notify_all()
             if self._stopping and again:
@@ -205,9 +225,15 @@ class GroupWriter:
             dropped = len(parked) - self._max_parked
             self.count("dropped_overflow", dropped)
             log.error("%s: database unavailable; %d queued job(s) dropped to bound memory", self._name, dropped)
+            self._add_depth(-sum(_size(job) for job in parked[:dropped]))
             parked = parked[dropped:]
         self._parked = parked
         self._retry_at = time.monotonic() + self._retry_after
+
+
+def _size(job: Job) -> int:
+    """Items in a job: the rows of a card job (a list), else one."""
+    return len(job.payload) if isinstance(job.payload, list) else 1
 
 
 _START_LOCK = threading.Lock()

@@ -11,6 +11,7 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from cds_service import metrics
 from cds_service.errors import ApiError, bad_request
 from cds_service.pipeline.evaluate import Evaluation, Evaluator, Service
 
@@ -112,6 +113,10 @@ def invoke(service_id: str) -> Response:
     g.evaluation = evaluation
     _record(service, evaluation)
     g.cards = len(evaluation.response["cards"])
+    for issued in evaluation.issued:
+        metrics.CARDS.labels(issued.policy.id, issued.policy.version).inc()
+    for covered in metrics.coverage_values(evaluation.response):
+        metrics.COVERAGE.labels(covered).inc()
     return jsonify(evaluation.response)
 
 
@@ -174,7 +179,11 @@ def feedback(service_id: str) -> Response:
     g.service_id = service.id
     authenticate(service, feedback=True)
     body = read_json()
-    return jsonify(receive(current_app.extensions.get("cds_store"), service.id, body))
+    answer = jsonify(receive(current_app.extensions.get("cds_store"), service.id, body))
+    for entry in body["feedback"] if isinstance(body, dict) and isinstance(body.get("feedback"), list) else ():
+        outcome = entry.get("outcome") if isinstance(entry, dict) else None
+        metrics.FEEDBACK.labels(outcome if outcome in metrics.FEEDBACK_OUTCOMES else "other").inc()
+    return answer
 
 
 def _error_response(error: ApiError) -> Response:
@@ -212,12 +221,30 @@ def register_request_log(app: Flask) -> None:
     @app.before_request
     def start_timer() -> None:
         g.started = time.perf_counter()
+        if request.path.startswith("/cds-services"):
+            g.in_progress = True
+            metrics.IN_PROGRESS.inc()  # what a killed worker held (metrics.worker_exited)
+
+    @app.teardown_request
+    def done(_error: BaseException | None) -> None:
+        if g.pop("in_progress", False):
+            metrics.IN_PROGRESS.dec()
 
     @app.after_request
     def log_request(response: Response) -> Response:
         if request.path.startswith("/cds-services"):
-            elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
-            log.info("%s %s service=%s hookInstance=%s status=%d cards=%s ms=%.1f", request.method,
-                     request.url_rule.rule if request.url_rule else "-", g.get("service_id", "-"),
-                     g.get("hook_instance", "-"), response.status_code, g.get("cards", "-"), elapsed)
+            seconds = time.perf_counter() - g.get("started", time.perf_counter())
+            rule = request.url_rule.rule if request.url_rule else "-"
+            service_id = g.get("service_id")
+            if request.method == "POST" and rule == "/cds-services/<service_id>":
+                service = evaluator().services.get(service_id) if service_id else None
+                label = service.id if service else "unknown"  # never the client's string
+                metrics.HOOK_CALLS.labels(label, service.hook if service else "unknown",
+                                          str(response.status_code)).inc()
+                metrics.HOOK_SECONDS.labels(label).observe(seconds)
+            log.info("%s %s service=%s hookInstance=%s status=%d cards=%s ms=%.1f", request.method, rule,
+                     service_id or "-", g.get("hook_instance", "-"), response.status_code, g.get("cards", "-"),
+                     seconds * 1000, extra={"service": service_id, "hook_instance": g.get("hook_instance"),
+                                            "status": response.status_code, "cards": g.get("cards"),
+                                            "duration_ms": round(seconds * 1000, 1)})
         return response

@@ -31,7 +31,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     from cds_service.pipeline.evaluate import Evaluator
     from cds_service.pipeline.policy import load_catalogue
     from cds_service.storage.store import Store, StoreUnavailable
-    from cds_service.web import api, policy_page, viewer
+    from cds_service.web import api, ops, policy_page, viewer
 
     app = Flask(__name__, static_folder=None)
     app.config["CDS_SETTINGS"] = settings
@@ -57,8 +57,10 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     CORS(app, origins=settings.cors_origins, allow_headers=["Authorization", "Content-Type"],
          methods=["GET", "POST", "OPTIONS"], max_age=600, always_send=False)
     api.register_errors(app)
+    ops.register_request_id(app)  # before the request log, which logs the id
     api.register_request_log(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(viewer.bp)
     app.register_blueprint(policy_page.bp)
+    app.register_blueprint(ops.bp)  # /health, /ready, /metrics (docs/operations.md)
     return app
