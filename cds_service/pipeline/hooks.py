@@ -141,7 +141,7 @@ def _reference(resource: dict[str, Any]) -> str | None:
     return None
 
 
-def _judged(resource: dict[str, Any]) -> bool:
+def judged(resource: dict[str, Any]) -> bool:
     status = resource.get("status", "draft")  # a draft order without status is still a draft
     return resource.get("resourceType") == "ServiceRequest" and isinstance(status, str) and status in JUDGED_STATUSES
 
@@ -187,6 +187,7 @@ def _appointments(context: dict[str, Any], max_orders: int) -> tuple[dict[str, A
 
 
 def _common(body: Any, hook: str) -> tuple[str, dict[str, Any]]:
+    """What every hook request carries: the hook this service answers, a printable hookInstance, a context."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     sent_hook = _string(body, "hook", "")
@@ -194,11 +195,23 @@ def _common(body: Any, hook: str) -> tuple[str, dict[str, Any]]:
         raise bad_request(f"this service answers the {hook} hook, not {sent_hook}", "hook")
     hook_instance = _string(body, "hookInstance", "")
     if len(hook_instance) > 200 or not hook_instance.isprintable():
+        # It names this call in our logs and records: one printable line, as a UUID is.
         raise bad_request("hookInstance must be a UUID or another short printable identifier", "hookInstance")
     context = body.get("context")
     if not isinstance(context, dict):
         raise bad_request("context must be a JSON object", "context")
     return hook_instance, context
+
+
+def _client_data(body: dict[str, Any]) -> dict[str, Any]:
+    """fhirServer, fhirAuthorization, prefetch and extension, each kept only when of the right JSON type."""
+    return {
+        "fhir_server": body.get("fhirServer") if isinstance(body.get("fhirServer"), str) else None,
+        "fhir_authorization": body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict)
+        else None,
+        "prefetch": body.get("prefetch") if isinstance(body.get("prefetch"), dict) else None,
+        "extension": body.get("extension") if isinstance(body.get("extension"), dict) else {},
+    }
 
 
 def _optional_id(context: dict[str, Any], key: str) -> str | None:
@@ -222,40 +235,17 @@ def _parse_scheduling(body: dict[str, Any], hook: str, max_orders: int) -> HookR
     return HookRequest(
         hook=hook, hook_instance=hook_instance, user_id=user_id, patient_id=patient_id,
         encounter_id=_optional_id(context, "encounterId"), draft_orders=(), orders=(),
-        fhir_server=body.get("fhirServer") if isinstance(body.get("fhirServer"), str) else None,
-        fhir_authorization=body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict) else None,
-        prefetch=body.get("prefetch") if isinstance(body.get("prefetch"), dict) else None,
-        extension=extension if isinstance(extension := body.get("extension"), dict) else {},
-        order_references=references, appointments=appointments, performer=performer,
+        order_references=references, appointments=appointments, performer=performer, **_client_data(body),
     )
-
-
-def judged(resource: dict[str, Any]) -> bool:
-    """Is this a ServiceRequest the service judges (draft or active)?"""
-    return _judged(resource)
 
 
 def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookRequest:
     """Validate a request body for a service of `hook`; raise ApiError (400/413) naming the problem."""
     if hook in ("order-dispatch", "appointment-book"):
         return _parse_scheduling(body, hook, max_draft_orders)
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    sent_hook = _string(body, "hook", "")
-    if sent_hook != hook:
-        raise bad_request(f"this service answers the {hook} hook, not {sent_hook}", "hook")
-    hook_instance = _string(body, "hookInstance", "")
-    if len(hook_instance) > 200 or not hook_instance.isprintable():
-        # It names this call in our logs and records: one printable line, as a UUID is.
-        raise bad_request("hookInstance must be a UUID or another short printable identifier", "hookInstance")
-    context = body.get("context")
-    if not isinstance(context, dict):
-        raise bad_request("context must be a JSON object", "context")
+    hook_instance, context = _common(body, hook)
     user_id = _identifier(context, "userId", "context.")
     patient_id = _identifier(context, "patientId", "context.")
-    encounter_id = context.get("encounterId") if isinstance(context.get("encounterId"), str) else None
-    if encounter_id is not None:
-        encounter_id = _identifier(context, "encounterId", "context.")
 
     bundle = context.get("draftOrders")
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
@@ -287,20 +277,13 @@ def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookReque
     else:
         chosen = list(resources)
 
-    fhir_server = body.get("fhirServer") if isinstance(body.get("fhirServer"), str) else None
-    fhir_authorization = body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict) else None
-    prefetch = body.get("prefetch") if isinstance(body.get("prefetch"), dict) else None
-    extension = body.get("extension") if isinstance(body.get("extension"), dict) else {}
     return HookRequest(
         hook=hook,
         hook_instance=hook_instance,
         user_id=user_id,
         patient_id=patient_id,
-        encounter_id=encounter_id,
+        encounter_id=_optional_id(context, "encounterId"),
         draft_orders=resources,
-        orders=tuple(r for r in chosen if _judged(r)),
-        fhir_server=fhir_server,
-        fhir_authorization=fhir_authorization,
-        prefetch=prefetch,
-        extension=extension if isinstance(extension, dict) else {},
+        orders=tuple(r for r in chosen if judged(r)),
+        **_client_data(body),
     )
