@@ -165,17 +165,23 @@ def _dispatched(context: dict[str, Any], max_orders: int) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
-def _appointments(context: dict[str, Any], max_orders: int) -> tuple[dict[str, Any], ...]:
-    """appointment-book's context.appointments: a Bundle of proposed Appointments, within the cost model."""
-    bundle = context.get("appointments")
+def _context_bundle(context: dict[str, Any], key: str, max_entries: int, too_many: str) -> list[Any]:
+    """The entries of the context Bundle `key` (400 when it is not one; 413 `too_many` beyond max_entries)."""
+    bundle = context.get(key)
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-        raise bad_request("context.appointments must be a FHIR Bundle", "context.appointments")
+        raise bad_request(f"context.{key} must be a FHIR Bundle", f"context.{key}")
     entries = bundle_entries(bundle)
     if entries is None:
-        raise bad_request("context.appointments.entry must be a list", "context.appointments.entry")
-    if len(entries) > max_orders:
-        raise ApiError(413, "too_many_items", f"context.appointments has {len(entries)} entries; at most "
-                       f"{max_orders} are accepted", "context.appointments.entry")
+        raise bad_request(f"context.{key}.entry must be a list", f"context.{key}.entry")
+    if len(entries) > max_entries:
+        raise ApiError(413, too_many, f"context.{key} has {len(entries)} entries; at most {max_entries} are "
+                       "accepted", f"context.{key}.entry")
+    return entries
+
+
+def _appointments(context: dict[str, Any], max_orders: int) -> tuple[dict[str, Any], ...]:
+    """appointment-book's context.appointments: a Bundle of proposed Appointments, within the cost model."""
+    entries = _context_bundle(context, "appointments", max_orders, "too_many_items")
     for index, entry in enumerate(entries):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if isinstance(resource, dict):
@@ -247,16 +253,7 @@ def parse_hook_request(body: Any, hook: str, max_draft_orders: int) -> HookReque
     user_id = _identifier(context, "userId", "context.")
     patient_id = _identifier(context, "patientId", "context.")
 
-    bundle = context.get("draftOrders")
-    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-        raise bad_request("context.draftOrders must be a FHIR Bundle", "context.draftOrders")
-    entries = bundle_entries(bundle)
-    if entries is None:
-        raise bad_request("context.draftOrders.entry must be a list", "context.draftOrders.entry")
-    if len(entries) > max_draft_orders:
-        raise ApiError(413, "too_many_orders",
-                       f"context.draftOrders has {len(entries)} entries; at most {max_draft_orders} are accepted",
-                       "context.draftOrders.entry")
+    entries = _context_bundle(context, "draftOrders", max_draft_orders, "too_many_orders")
     _check_cost(entries)
     resources = tuple(entry_resources(entries))
 
