@@ -724,7 +724,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         f"baselines gunicorn gthread {WORKERS} x {THREADS}; peer FastAPI under uvicorn[standard], {WORKERS} workers",
         "",
         "| mix | service req/s | baseline req/s | ratio (target) | CPU-time ratio | peer req/s | service / peer "
-        f"(>= {PEER_TARGET:g}) | service p50 / p99 ms | worker CPU ms/req service / baseline | service worker RSS MB |",
+        f"(>= {PEER_TARGET:g}) | service p50 / p99 ms | worker CPU ms/req service / baseline / peer "
+        "| service worker RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -733,7 +734,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             f"| ({r.mix.key}) {r.mix.title} | {r.service.rate:.0f} | {r.baseline.rate:.0f} "
             f"| {r.ratio:.2f} (>= {r.mix.target:.1f}) | {r.cpu_ratio:.2f} | {peer} "
             f"| {r.service.p50_ms:.1f} / {r.service.p99_ms:.1f} "
-            f"| {r.service.cpu_ms:.2f} / {r.baseline.cpu_ms:.2f} | {_rss(r.service.rss_mb)} |")
+            f"| {r.service.cpu_ms:.2f} / {r.baseline.cpu_ms:.2f} / {r.peer.cpu_ms if r.peer else 0:.2f} "
+            f"| {_rss(r.service.rss_mb)} |")
     fixed = [r for r in results if r.p99_ratio is not None]
     if fixed:
         lines += ["", f"| mix | offered req/s | service p50 / p99 ms | baseline p50 / p99 ms "
