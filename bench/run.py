@@ -636,8 +636,9 @@ class Bench:
                   self.args.threads, tokens, rate)
         run.cpu_s, run.wrk_cpu_s = server.cpu_seconds() - cpu_before, _children_cpu() - wrk_before
         if run.failures:
+            hint = " (a token may have run out: replays are refused)" if tokens else ""
             raise BenchError(f"mix {mix.key}: wrk against the {name} saw failures {run.failures} "
-                             f"({run.requests} requests); {name} log:\n{server.log_tail()}")
+                             f"({run.requests} requests){hint}; {name} log:\n{server.log_tail()}")
         return run
 
     def measure(self, mix: Mix, prep: Prepared, service: Server, baseline: Server, peer: Server | None) -> Result:
@@ -654,6 +655,8 @@ class Bench:
                 run = self.one(mix, prep, name, server, self.args.warmup, tokens)
                 rates.append(run.requests / run.seconds)
             fastest = max(rates)
+        if mix.auth:  # a side slowed in the warm-up by a busy machine must not run out of tokens later
+            fastest = max([fastest] + [s.rate for r in self.results for s in (r.service, r.baseline)])
         for round_ in range(self.args.rounds):  # S B P, P B S, ...: drift affects every side alike
             tokens = self.tokens(mix, fastest * 1.5, self.args.duration)
             for name, server in servers[:: 1 if round_ % 2 == 0 else -1]:
