@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from conftest import load_fixture
+from test_dispatch import ruled as answer  # the cards and systemActions of a 200 answer
 from test_fhir import BASE_PATH, TOKEN, app_client, ehr, origin, serve_member, servers  # noqa: F401 (ehr, servers: fixtures)
 
 from cds_service.config import Settings
@@ -21,12 +22,6 @@ POLICY = load_policies(Settings().cards_dir)[0]
 
 def book(client, body: dict[str, Any]):
     return client.post(f"/cds-services/{BOOKING}", json=body)
-
-
-def answer(response) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    assert response.status_code == 200, response.get_data(as_text=True)
-    result = response.get_json()
-    return result["cards"], result.get("systemActions", [])
 
 
 def assert_scheduler_card(cards: list[dict[str, Any]], associated: str) -> None:
