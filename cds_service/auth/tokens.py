@@ -13,8 +13,11 @@ reason category goes to the log, the token never does.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 import jwt
+import orjson
 
 from cds_service import metrics
 from cds_service.auth.clients import ClientsFileError, TrustedClient, load_clients
@@ -39,6 +43,7 @@ LEEWAY_SECONDS = 30  # clock skew allowed on exp / iat
 MAX_LIFETIME_SECONDS = 3600  # a token may not expire more than an hour from now (spec best practice)
 MAX_TOKEN_CHARS = 4096  # CDS Hooks tokens are well under 2 kB
 MAX_JTI_CHARS = 255
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")  # base64url without padding (RFC 7515, section 2)
 
 
 class _Refused(Exception):
@@ -56,6 +61,22 @@ class Client:
 
     iss: str
     tenant: str | None = None
+
+
+def _unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and claims of a compact JWS, read without checking anything but their form: only to learn who
+    signed it and with which key. PyJWT then checks the whole token, signature and claims; reading these two
+    segments here instead of through PyJWT saves a second full parse of the token on every call."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(_SEGMENT.fullmatch(part) for part in parts):
+        raise _Refused("malformed")
+    try:
+        head, claims = (orjson.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))) for part in parts[:2])
+    except (binascii.Error, orjson.JSONDecodeError, ValueError):
+        raise _Refused("malformed") from None
+    if not isinstance(head, dict) or not isinstance(claims, dict):
+        raise _Refused("malformed")
+    return head, claims
 
 
 @lru_cache(maxsize=64)
@@ -129,11 +150,7 @@ class Authenticator:
         token = token.strip()
         if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
             raise _Refused("malformed")
-        try:
-            parsed = jwt.decode_complete(token, options={"verify_signature": False})  # one parse for both
-            head, unverified = parsed["header"], parsed["payload"]
-        except jwt.PyJWTError:
-            raise _Refused("malformed") from None
+        head, unverified = _unverified(token)
         alg, kid, jku, typ = head.get("alg"), head.get("kid"), head.get("jku"), head.get("typ", "JWT")
         if alg not in ALGORITHMS:
             raise _Refused("algorithm")
