@@ -156,7 +156,8 @@ class Authenticator:
             raise _Refused("algorithm")
         if not isinstance(typ, str) or typ.upper() != "JWT" or not isinstance(kid, str) or not kid:
             raise _Refused("header")
-        client = self.clients.get(unverified.get("iss")) if isinstance(unverified.get("iss"), str) else None
+        iss = unverified.get("iss")
+        client = self.clients.get(iss) if isinstance(iss, str) else None
         if client is None:
             raise _Refused("unknown_issuer")
         jwk = self._key(client, kid, jku)

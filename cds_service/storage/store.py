@@ -14,6 +14,7 @@ migrates). A fresh database gets the current tables straight from `metadata`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -65,7 +66,6 @@ MAX_SYSTEM = 500    # override reason code system
 MAX_DISPLAY = 500   # override reason display
 
 RETRY_AFTER_SECONDS = 2  # after a connection failure, fail fast this long instead of waiting on the database
-JTI_WAIT_SECONDS = 10.0  # longest a hook call waits for its JWT id to be checked (SQLite's busy timeout)
 PURGE_EVERY_SECONDS = 60.0  # expired JWT ids are deleted at most this often (per process)
 _PG_LOCK_KEY = 0x0CD5_1247  # advisory lock serialising schema creation / migration across workers
 
@@ -301,7 +301,7 @@ class Store:
         self._next_purge = 0.0
         self._next_prune = 0.0
         self.audit_retention_days: int | None = None  # set by the caller (web/api.py) from the settings
-        # Cards issued and JWT ids seen are written by one thread per process, many per transaction.
+        # Cards issued and the invocation log are written by one thread per process, many per transaction.
         self._writer = GroupWriter(self._write_batch, name="db-writer", retry_after=RETRY_AFTER_SECONDS)
 
     # --- failure handling -------------------------------------------------------------------------------
@@ -485,14 +485,25 @@ class Store:
 
     def remember_jti(self, iss: str, jti: str, expires_at: datetime) -> bool:
         """True the first time (iss, jti) is seen; False for a replay. Raises StoreUnavailable, or its
-        subclass InvalidRecord for an id the table cannot hold (checked here, so it never fails a batch)."""
+        subclass InvalidRecord for an id the table cannot hold.
+
+        One short transaction on the calling thread: the call must wait for the commit anyway, and handing the
+        id to the writer thread and back cost three times the statement itself (bench/RESULTS.md, issue 17)."""
         self._check_available()
         check_record(seen_jti, {"iss": iss, "jti": jti, "expires_at": expires_at})
-        job = self._writer.submit((iss, jti, as_utc(expires_at)), waited=True)
+        self.ensure_schema()
+        row = {"iss": iss, "jti": jti, "expires_at": as_utc(expires_at)}
+        dialect = self.engine.dialect.name
         try:
-            return bool(job.wait(JTI_WAIT_SECONDS))
-        except TimeoutError as exc:
-            raise StoreUnavailable(str(exc)) from None
+            with self.engine.begin() as conn:
+                if time.monotonic() >= self._next_purge:
+                    self._next_purge = time.monotonic() + PURGE_EVERY_SECONDS
+                    conn.execute(delete(seen_jti).where(seen_jti.c.expires_at < utcnow()))
+                if dialect in ("sqlite", "postgresql"):
+                    return conn.execute(_claim_jti(dialect), row).first() is not None
+            return self._insert_jti_alone(row)  # no ON CONFLICT in this database: a duplicate is an error
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from exc
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the cards queued by this process are written. False on time-out, or while the
@@ -505,19 +516,12 @@ class Store:
 
     def _write_batch(self, jobs: Sequence[Job]) -> list[Job]:
         """The writer's work for one batch; returns the card jobs to try again later."""
-        checks = [job for job in jobs if job.waited]
-        if checks:
-            try:
-                self._check_jtis(checks)
-            except StoreUnavailable as exc:
-                for job in checks:
-                    job.finish(error=exc)
         again: list[Job] = []
-        logged = [job for job in jobs if not job.waited and isinstance(job.payload, _Invocations)]
+        logged = [job for job in jobs if isinstance(job.payload, _Invocations)]
         if logged:
             again += self._write_rows(invocations, logged)
             self._prune_if_due()
-        cards = [job for job in jobs if not job.waited and not isinstance(job.payload, _Invocations)]
+        cards = [job for job in jobs if not isinstance(job.payload, _Invocations)]
         if cards:
             again += self._write_rows(cards_issued, cards)
         return again
@@ -566,32 +570,10 @@ class Store:
                     return again
         return []
 
-    def _check_jtis(self, checks: Sequence[Job]) -> None:
-        """Insert each (iss, jti, expires_at) unless present; a job's result is True when it was new."""
-        self.ensure_schema()
-        self._check_available()
-        dialect = self.engine.dialect.name
-        try:
-            if dialect not in ("sqlite", "postgresql"):  # no ON CONFLICT: one transaction per id
-                for job in checks:
-                    job.finish(self._insert_jti_alone(*job.payload))
-                return
-            statement = _insert_ignoring_duplicates(seen_jti, dialect, seen_jti.c.iss, seen_jti.c.jti)
-            with self.engine.begin() as conn:
-                if time.monotonic() >= self._next_purge:
-                    conn.execute(delete(seen_jti).where(seen_jti.c.expires_at < utcnow()))
-                    self._next_purge = time.monotonic() + PURGE_EVERY_SECONDS
-                new = [conn.execute(statement, {"iss": iss, "jti": jti, "expires_at": expires}).first() is not None
-                       for iss, jti, expires in (job.payload for job in checks)]
-        except SQLAlchemyError as exc:
-            raise self._unavailable(exc) from exc
-        for job, first in zip(checks, new, strict=True):  # answered only once committed
-            job.finish(first)
-
-    def _insert_jti_alone(self, iss: str, jti: str, expires_at: datetime) -> bool:
+    def _insert_jti_alone(self, row: dict[str, Any]) -> bool:
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(seen_jti), {"iss": iss, "jti": jti, "expires_at": expires_at})
+                conn.execute(insert(seen_jti), row)
             return True
         except IntegrityError:
             return False
@@ -665,6 +647,12 @@ class Store:
                 return {row["card_uuid"]: {**row, "suggestions": json.loads(row["suggestions"])} for row in rows}
         except SQLAlchemyError as exc:
             raise self._unavailable(exc) from exc
+
+
+@functools.lru_cache(maxsize=2)
+def _claim_jti(dialect: str) -> Any:
+    """The statement that records a JWT id unless seen, built once (building it cost a fifth of the check)."""
+    return _insert_ignoring_duplicates(seen_jti, dialect, seen_jti.c.iss, seen_jti.c.jti)
 
 
 def _insert_ignoring_duplicates(table: Table, dialect: str, *unique: Column) -> Any:

@@ -11,8 +11,9 @@ Two kinds of job go through it:
   transaction). Rows that fail because the database is down are kept (up to `max_parked`) and tried again
   after a pause. Rows the database can never hold (too long, a NUL character, a constraint) are the write
   function's to drop: it returns only what is worth another try, so one bad row never holds the others.
-- waited (JWT ids, replay protection): the writer is woken at once; the caller blocks until the batch
-  holding its job is committed and gets the job's result, or the error.
+- waited: the writer is woken at once; the caller blocks until the batch holding its job is committed and
+  gets the job's result, or the error. (JWT ids went this way until issue 17: a token's id is now checked
+  on the request's own thread, which costs a third as much; see Store.remember_jti.)
 
 The thread starts on first use in each process (so after gunicorn's fork) and is drained at exit.
 """
@@ -113,7 +114,7 @@ class GroupWriter:
         self._finished = 0  # every job with seq <= this has been tried at least once
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._depth = 0  # items (card records, token ids) submitted and not yet written or dropped
+        self._depth = 0  # items (card records, log rows) submitted and not yet written or dropped
 
     @property
     def depth(self) -> int:
