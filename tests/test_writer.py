@@ -9,12 +9,11 @@ import time
 
 import pytest
 
-from cds_service.storage.writer import GroupWriter, Job
+from cds_service.storage.writer import GroupWriter
 
 
 class Recorder:
-    """A write function: remembers each batch; payloads named in `refuse` fail for good, `down` makes the
-    fire-and-forget jobs of a batch come back for another try."""
+    """A write function: remembers each batch; `down` makes the jobs of a batch come back for another try."""
 
     def __init__(self) -> None:
         self.batches: list[list[object]] = []
@@ -25,23 +24,18 @@ class Recorder:
     def __call__(self, jobs):
         self.gate.wait(5)
         self.batches.append([job.payload for job in jobs])
-        if self.down:
-            for job in jobs:
-                if job.waited:
-                    job.finish(error=ConnectionError("down"))
-            return [job for job in jobs if not job.waited]
-        for job in jobs:
-            job.finish(result=("written", job.payload))
-        return []
+        return list(jobs) if self.down else []
 
     def written(self) -> list[object]:
         return [payload for batch in self.batches for payload in batch]
 
 
-def test_waited_job_gets_its_result_after_the_write() -> None:
+def test_a_job_is_written_and_flush_waits_for_it() -> None:
     write = Recorder()
     writer = GroupWriter(write)
-    assert writer.submit("a", waited=True).wait(5) == ("written", "a")
+    writer.submit("a")
+    assert writer.flush(timeout=5) is True
+    assert write.written() == ["a"] and writer.depth == 0
     writer.close()
 
 
@@ -53,28 +47,29 @@ def test_jobs_queued_during_a_write_go_in_one_batch() -> None:
     deadline = time.monotonic() + 5
     while writer._queue and time.monotonic() < deadline:  # the writer has taken "first" and waits at the gate
         time.sleep(0.001)
-    jobs = [writer.submit(i, waited=True) for i in range(20)]
+    for i in range(20):
+        writer.submit(i)
     write.gate.set()
-    assert [job.wait(5)[1] for job in jobs] == list(range(20))
+    assert writer.flush(timeout=5) is True
     assert len(write.batches) == 2 and write.batches[1] == list(range(20))  # one transaction, not twenty
     writer.close()
 
 
-def test_error_in_write_reaches_waiting_callers_and_the_writer_survives() -> None:
+def test_the_writer_survives_an_error_in_a_write() -> None:
     calls = []
 
     def write(jobs):
-        calls.append(len(jobs))
+        calls.append([job.payload for job in jobs])
         if len(calls) == 1:
             raise RuntimeError("boom")
-        for job in jobs:
-            job.finish(result="ok")
         return []
 
     writer = GroupWriter(write)
-    with pytest.raises(RuntimeError):
-        writer.submit("a", waited=True).wait(5)
-    assert writer.submit("b", waited=True).wait(5) == "ok"
+    writer.submit("a")
+    assert writer.flush(timeout=5) is True
+    writer.submit("b")
+    assert writer.flush(timeout=5) is True
+    assert calls == [["a"], ["b"]] and writer.stats["failed_batches"] == 1
     writer.close()
 
 
@@ -84,8 +79,6 @@ def test_rows_kept_while_down_are_written_when_back() -> None:
     writer = GroupWriter(write, retry_after=0.05)
     writer.submit("card-1")
     assert writer.flush(timeout=0.2) is False
-    with pytest.raises(ConnectionError):
-        writer.submit("jti-1", waited=True).wait(5)  # a waited job is answered, not kept
     write.down = False
     assert writer.flush(timeout=5) is True
     assert write.batches[-1] == ["card-1"]
@@ -119,23 +112,26 @@ def test_flush_without_any_job_returns_at_once() -> None:
     assert writer.flush(timeout=0) is True
 
 
-def _child(writer: GroupWriter, queue) -> None:
-    job: Job = writer.submit("from-child", waited=True)
-    queue.put((os.getpid(), job.wait(5)))
+def _child(writer: GroupWriter, write: Recorder, queue) -> None:
+    writer.submit("from-child")
+    queue.put((os.getpid(), writer.flush(timeout=5), write.written()))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_gets_its_own_thread() -> None:
     write = Recorder()
     writer = GroupWriter(write)
-    assert writer.submit("from-parent", waited=True).wait(5)  # the parent's thread is running
+    writer.submit("from-parent")
+    assert writer.flush(timeout=5) is True  # the parent's thread is running
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    child = context.Process(target=_child, args=(writer, queue))
+    child = context.Process(target=_child, args=(writer, write, queue))
     child.start()
-    pid, result = queue.get(timeout=10)
+    pid, flushed, written = queue.get(timeout=10)
     child.join(10)
-    assert child.exitcode == 0 and pid != os.getpid() and result == ("written", "from-child")
+    assert child.exitcode == 0 and pid != os.getpid() and flushed is True
+    assert written == ["from-parent", "from-child"]  # the child's own thread wrote its job
+    assert write.written() == ["from-parent"]
     writer.close()
 
 

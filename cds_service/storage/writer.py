@@ -5,15 +5,13 @@ SQLAlchemy) and, under load, queued for SQLite's single write lock with every ot
 Handing the rows to one writer per process turns N transactions into one and leaves the lock to two
 contenders (the workers' writers) instead of all threads.
 
-Two kinds of job go through it:
-- fire-and-forget (cards issued): the hook call answers at once; the row is written within `interval`
-  seconds. Queuing one wakes nobody (waking the writer per row cost more CPU than the row's share of the
-  transaction). Rows that fail because the database is down are kept (up to `max_parked`) and tried again
-  after a pause. Rows the database can never hold (too long, a NUL character, a constraint) are the write
-  function's to drop: it returns only what is worth another try, so one bad row never holds the others.
-- waited: the writer is woken at once; the caller blocks until the batch holding its job is committed and
-  gets the job's result, or the error. (JWT ids went this way until issue 17: a token's id is now checked
-  on the request's own thread, which costs a third as much; see Store.remember_jti.)
+What goes through it is fire-and-forget (cards issued, the invocation log): the hook call answers at once; the
+row is written within `interval` seconds. Queuing one wakes nobody (waking the writer per row cost more CPU than
+the row's share of the transaction). Rows that fail because the database is down are kept (up to `max_parked`)
+and tried again after a pause. Rows the database can never hold (too long, a NUL character, a constraint) are the
+write function's to drop: it returns only what is worth another try, so one bad row never holds the others.
+(JWT ids went through it too, waited for, until issue 17: the request's own thread now checks them, for a third
+of the cost; see Store.remember_jti.)
 
 The thread starts on first use in each process (so after gunicorn's fork) and is drained at exit.
 """
@@ -35,35 +33,16 @@ log = logging.getLogger(__name__)
 
 
 class Job:
-    """One unit of work. `done` is set once the writer has tried it (see `result` / `error`)."""
+    """One unit of work: what to write, and its place in the order of submission."""
 
-    __slots__ = ("payload", "waited", "done", "result", "error", "seq")
+    __slots__ = ("payload", "seq")
 
-    def __init__(self, payload: Any, waited: bool) -> None:
+    def __init__(self, payload: Any) -> None:
         self.payload = payload
-        self.waited = waited
-        self.done = threading.Event() if waited else None
-        self.result: Any = None
-        self.error: BaseException | None = None
         self.seq = 0
 
-    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        self.result, self.error = result, error
-        if self.done is not None:
-            self.done.set()
 
-    def wait(self, timeout: float) -> Any:
-        """The job's result; raises its error, or TimeoutError when the writer did not get to it in time."""
-        assert self.done is not None, "only a waited job can be waited for"
-        if not self.done.wait(timeout):
-            raise TimeoutError("the database writer did not answer in time")
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-# write(batch) does the jobs of one batch (finishing the waited ones) and returns the fire-and-forget jobs
-# that failed but are worth another try later.
+# write(batch) does the jobs of one batch and returns those that failed but are worth another try later.
 WriteBatch = Callable[[Sequence[Job]], Sequence[Job]]
 
 
@@ -134,15 +113,13 @@ class GroupWriter:
             self._thread.start()
             atexit.register(self.close)
 
-    def submit(self, payload: Any, waited: bool = False) -> Job:
-        job = Job(payload, waited)
+    def submit(self, payload: Any) -> Job:
+        job = Job(payload)
         with self._lock_for_submit():
             self._submitted += 1
             job.seq = self._submitted
             self._queue.append(job)
             self._add_depth(_size(job))
-            if waited:
-                self._cond.notify()
         return job
 
     def _lock_for_submit(self) -> threading.Condition:
@@ -207,8 +184,6 @@ class GroupWriter:
             except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
                 log.error("%s: a batch of %d job(s) failed: %s", self._name, len(batch), type(exc).__name__)
                 self.count("failed_batches")
-                for job in batch:
-                    job.finish(error=exc)
                 again = []
             with self._cond:
                 if again:
