@@ -153,3 +153,16 @@ def test_each_answer_is_counted(bridge: Bridge) -> None:
     call(bridge, Scope(Headers([])), Protocol([b"x"]))
     call(bridge, Scope(Headers([("content-length", "999")])), Protocol([]))
     assert len(counted) == 2
+
+
+def test_an_app_that_fails_outside_its_error_handlers_gets_a_json_500(caplog) -> None:
+    def broken(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        raise RuntimeError("patient Jane Doe")  # what escapes is logged by type only
+
+    bridge = Bridge(broken, threads=1, max_body_bytes=100, max_header_bytes=2000, read_seconds=0.5)
+    try:
+        status, _, body = call(bridge, Scope(Headers([])), Protocol([b"{}"]))
+    finally:
+        bridge.close()
+    assert (status, body["error"]) == (500, "internal_error")
+    assert "RuntimeError" in caplog.text and "Jane" not in caplog.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from typing import Any
 
 import orjson
 from granian.rsgi import ProtocolClosed
+
+log = logging.getLogger(__name__)
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Answer = tuple[int, list[tuple[str, str]], bytes]
@@ -151,7 +154,11 @@ class Bridge:
         except Exception:  # the client went away or sent a malformed body (granian's RSGIProtocolError)
             return json_error(400, "bad_request", "the request body could not be read")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, run_wsgi, self.app, environ_for(scope, body))
+        try:
+            return await loop.run_in_executor(self.pool, run_wsgi, self.app, environ_for(scope, body))
+        except Exception as exc:  # noqa: BLE001 - the app answers its own errors; this is what escaped it
+            log.error("the application raised %s outside its error handlers", type(exc).__name__)
+            return json_error(500, "internal_error", "the service failed to answer; this is logged")
 
     async def _read(self, protocol: Any) -> bytes:
         """The whole body, refused past the cap as it arrives (a chunked body announces no length)."""
