@@ -27,14 +27,22 @@ Mixes (bodies from fixtures/):
 
 Targets: throughput service / baseline a >= 0.9, b >= 0.6, c >= 0.6, d >= 0.8 (of the authenticated
 baseline); p99 at the fixed rate <= 2x the baseline's; service / peer >= 1.5 on every mix; every service
-worker < 120 MB. The Node sandbox peer is not measured here.
+worker < 120 MB.
+
+The Node sandbox peer (bench/node_peer.py), only when given a checkout of sandbox-cds-services with its
+node_modules installed (--node-peer DIR or BENCH_NODE_PEER=DIR; nothing is fetched): `node server.js` as
+shipped, one process, on 127.0.0.1. Its order-select service (pama-imaging) takes the same fresh bodies as mixes
+a and b in the same alternating throughput loop (S B P N, N P B S, ...); it answers its own way (no card of
+ours), which is checked once (200, JSON, a list of cards). Target: service / Node peer >= 2.5. It has no
+order-sign service (c) and no authentication (d). Without a checkout it is reported as not measured.
 
 Before the load each mix sends one checked request to each side (right status, right number of cards, the
 card naming the fresh order; for d also that a call without a token and a replayed token are refused), and
 after it fails when wrk saw a socket error or a non-2xx response. Everything listens on 127.0.0.1 only;
 every server is stopped at the end.
 
-Usage: make bench   (or .venv/bin/python bench/run.py [--duration 5] [--rounds 2] [--mixes a,b,c,d])
+Usage: make bench   (or .venv/bin/python bench/run.py [--duration 5] [--rounds 2] [--mixes a,b,c,d]
+                                                  [--node-peer DIR])
 Exit status: 0 all targets met, 1 a check failed (wrong answer, non-2xx, server did not start), 3 a target
 missed. Needs wrk (Debian: apt-get install wrk).
 """
@@ -64,6 +72,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import node_peer
 
 from cds_service.tools.localserver import free_port, serve_command
 from cds_service.tools.signing import generate_key, make_token, public_jwk
@@ -119,6 +129,8 @@ class Server:
     "{port}" in the command and the environment stands for the port chosen here.
     """
 
+    expected_workers = WORKERS  # child processes to wait for before the server counts as started
+
     def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.port = free_port()
@@ -137,7 +149,7 @@ class Server:
             if self.process.poll() is not None:
                 raise BenchError(f"{self.name} exited with status {self.process.returncode}; "
                                  f"log:\n{self.log_tail()}")
-            if len(self.workers()) >= WORKERS:
+            if len(self.workers()) >= self.expected_workers:
                 try:
                     with urllib.request.urlopen(self.url + "/", timeout=1):
                         return
@@ -201,6 +213,15 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+class NodeServer(Server):
+    """The Node peer: one process serving by itself (no master, no workers), so it is its own "worker"."""
+
+    expected_workers = 1
+
+    def workers(self) -> list[int]:
+        return [self.process.pid] if self.process.poll() is None else []
 
 
 def service_command(dev: bool) -> list[str]:
@@ -433,6 +454,12 @@ class Result:
     baseline_fixed: Side | None = None
     jwks_fetches: int | None = None
     verify_cpu_ms: float | None = None  # mix d: one ES384 signature check, measured in the same run
+    node: Side | None = None  # the Node sandbox peer, on the mixes its services fit (bench/node_peer.py)
+    node_answer: str = ""  # what it answered to the checked request
+
+    @property
+    def node_ratio(self) -> float | None:
+        return self.service.rate / self.node.rate if self.node and self.node.runs else None
 
     @property
     def ratio(self) -> float:
@@ -461,6 +488,8 @@ class Result:
             found.append(f"mix {key}: throughput ratio {self.ratio:.2f} < {self.mix.target:.2f}")
         if self.peer_ratio is not None and self.peer_ratio < PEER_TARGET:
             found.append(f"mix {key}: service / FastAPI peer {self.peer_ratio:.2f} < {PEER_TARGET:g}")
+        if self.node_ratio is not None and self.node_ratio < node_peer.TARGET:
+            found.append(f"mix {key}: service / Node sandbox peer {self.node_ratio:.2f} < {node_peer.TARGET:g}")
         if self.p99_ratio is not None:
             assert self.service_fixed and self.baseline_fixed
             if self.p99_ratio > P99_FACTOR:
@@ -495,6 +524,7 @@ class Bench:
         self.jwks_server: JwksServer | None = None
         self.signer: Signer | None = None
         self.results: list[Result] = []
+        self.node_checkout: Path | None = getattr(args, "node_checkout", None)
         self._files = 0
         self._path = ""
 
@@ -546,6 +576,17 @@ class Bench:
             env.update(self.auth_env(), PEER_AUTH="1", BENCH_AUTH_DB=str(self.workdir / "peer-auth.sqlite3"))
         return self.start(Server("peer-auth" if auth else "peer", peer_command(), env, self.workdir))
 
+    def node(self, group: list[Mix]) -> NodeServer | None:
+        """The Node sandbox peer, when a checkout was given and one of the mixes fits its services."""
+        if self.node_checkout is None or not any(m.key in node_peer.MIXES for m in group):
+            return None
+        preload = self.workdir / "node-loopback.js"
+        preload.write_text(node_peer.LOOPBACK_JS)
+        server = NodeServer("node-peer", node_peer.command(self.node_checkout, preload), {"PORT": "{port}"},
+                            self.workdir)
+        self.start(server)
+        return server
+
     def run(self) -> None:
         mixes = [m for m in MIXES if m.key in self.args.mixes]
         for auth in (False, True):
@@ -560,15 +601,22 @@ class Bench:
                 if prep.card:
                     cards[json.loads(prep.body)["hook"]] = prep.card
             peer = self.peer(auth, cards)
-            for mix, prep in zip(group, prepared, strict=True):
+            node = self.node(group)
+            last_node_mix = max((i for i, m in enumerate(group) if m.key in node_peer.MIXES), default=-1)
+            for index, (mix, prep) in enumerate(zip(group, prepared, strict=True)):
                 if peer:
                     self.check_peer(mix, prep, peer)
-                result = self.measure(mix, prep, service, baseline, peer)
+                node_here = node if node and mix.key in node_peer.MIXES else None
+                answer = self.check_node(mix, prep, node_here) if node_here else ""
+                result = self.measure(mix, prep, service, baseline, peer, node_here)
+                result.node_answer = answer
                 if auth and self.signer:
                     result.verify_cpu_ms = self.signer.verify_cpu_ms()
                 self.results.append(result)
-            for server in (service, baseline, peer):
-                if server:
+                if node and index == last_node_mix:
+                    self.stop(node)  # not left running, idle, beside the mixes it does not take
+            for server in (service, baseline, peer, node):
+                if server and server in self.servers:
                     self.stop(server)
 
     def prepare(self, mix: Mix, service: Server, baseline: Server) -> Prepared:
@@ -612,6 +660,19 @@ class Bench:
             if status != 401:
                 raise BenchError(f"mix {mix.key}: the peer answered {status} to a replayed token")
 
+    def check_node(self, mix: Mix, prep: Prepared, node: Server) -> str:
+        """One request of the mix to the Node peer's order-select service: 200 and JSON with a list of cards (its
+        own answer, not our card). Returns what it answered, for the report."""
+        if json.loads(prep.body).get("hook") != node_peer.HOOK:
+            raise BenchError(f"mix {mix.key}: not an {node_peer.HOOK} body; the Node peer cannot take it")
+        concrete, _ = instance(body_template(prep.body, secrets.token_hex(3)))
+        status, answer = post(node.url + node_peer.SERVICE_PATH, concrete)
+        if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("cards"), list):
+            raise BenchError(f"mix {mix.key}: the Node peer answered {status} {json.dumps(answer)[:300]}; "
+                             f"log:\n{node.log_tail()}")
+        actions = (answer.get("extension") or {}).get("systemActions") or []
+        return f"{len(answer['cards'])} card(s), {len(actions)} system action(s)"
+
     def tokens(self, mix: Mix, rate: float, seconds: float) -> Path | None:
         """Fresh single-use tokens for one wrk run at up to `rate` req/s. Service, baseline and peer each keep
         their own record of used jtis, so one file serves each side once. Running out fails the run."""
@@ -631,8 +692,9 @@ class Bench:
 
     def one(self, mix: Mix, prep: Prepared, name: str, server: Server, seconds: float, tokens: Path | None,
             rate: float = 0.0, connections: int | None = None) -> Run:
+        path = node_peer.SERVICE_PATH if isinstance(server, NodeServer) else prep.path
         cpu_before, wrk_before = server.cpu_seconds(), _children_cpu()
-        run = wrk(server.url, self.template(prep.body), prep.path, seconds, connections or self.args.connections,
+        run = wrk(server.url, self.template(prep.body), path, seconds, connections or self.args.connections,
                   self.args.threads, tokens, rate)
         run.cpu_s, run.wrk_cpu_s = server.cpu_seconds() - cpu_before, _children_cpu() - wrk_before
         if run.failures:
@@ -641,10 +703,12 @@ class Bench:
                              f"({run.requests} requests){hint}; {name} log:\n{server.log_tail()}")
         return run
 
-    def measure(self, mix: Mix, prep: Prepared, service: Server, baseline: Server, peer: Server | None) -> Result:
+    def measure(self, mix: Mix, prep: Prepared, service: Server, baseline: Server, peer: Server | None,
+                node: Server | None = None) -> Result:
         self._path = prep.path
         print(f"\n({mix.key}) {mix.title}", flush=True)
         servers = [("service", service), ("baseline", baseline)] + ([("peer", peer)] if peer else [])
+        servers += [("node", node)] if node else []  # last, so S B P N, N P B S, ...
         sides = {name: Side() for name, _ in servers}
         # Upper bound on the rate before anything was measured: the fastest side of any earlier mix.
         fastest = max([3000.0] + [s.rate for r in self.results for s in (r.service, r.baseline)])
@@ -668,8 +732,11 @@ class Bench:
         for name, server in servers:
             sides[name].rss_mb = server.worker_rss_mb()
         result = Result(mix, sides["service"], sides["baseline"], sides.get("peer"),
-                        jwks_fetches=self.jwks_server.hits if mix.auth and self.jwks_server else None)
+                        jwks_fetches=self.jwks_server.hits if mix.auth and self.jwks_server else None,
+                        node=sides.get("node"))
         peer_text = f", service / peer {result.peer_ratio:.2f} (target >= {PEER_TARGET:g})" if peer else ""
+        if node:
+            peer_text += f", service / Node peer {result.node_ratio:.2f} (target >= {node_peer.TARGET:g})"
         print(f"    => throughput ratio {result.ratio:.2f} (target >= {mix.target:.2f}), CPU-time ratio "
               f"{result.cpu_ratio:.2f}{peer_text}; worker RSS MB: service "
               + ", ".join(f"{x:.0f}" for x in result.service.rss_mb), flush=True)
@@ -714,6 +781,38 @@ def _rss(sizes: list[float]) -> str:
     return ", ".join(f"{x:.0f}" for x in sizes)
 
 
+def node_table(results: list[Result], args: argparse.Namespace) -> list[str]:
+    """The Node sandbox peer's table, when it was measured on some mix."""
+    measured = [r for r in results if r.node and r.node_ratio is not None]
+    if not measured:
+        return []
+    lines = ["", f"Node sandbox peer: {node_peer.describe(args.node_checkout)}; `node server.js` as shipped, one "
+                 f"process (no cluster), its order-select service {node_peer.SERVICE_PATH}, same bodies and wrk "
+                 "runs as the other sides.",
+             "",
+             f"| mix | service req/s | Node peer req/s | service / Node peer (>= {node_peer.TARGET:g}) "
+             "| Node p50 / p99 ms | worker CPU ms/req service / Node | Node RSS MB | Node answered |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in measured:
+        assert r.node and r.node_ratio is not None
+        lines.append(f"| ({r.mix.key}) | {r.service.rate:.0f} | {r.node.rate:.0f} | {r.node_ratio:.2f} "
+                     f"| {r.node.p50_ms:.1f} / {r.node.p99_ms:.1f} | {r.service.cpu_ms:.2f} / {r.node.cpu_ms:.2f} "
+                     f"| {_rss(r.node.rss_mb)} | {r.node_answer} |")
+    lines.append(f"What the Node peer does per call: {node_peer.DOES}.")
+    return lines
+
+
+def node_unmeasured(results: list[Result], args: argparse.Namespace) -> str:
+    """Where the Node sandbox peer was not measured, and why."""
+    if not any(r.node for r in results):
+        return ("Not measured: the Node sandbox peer (sandbox-cds-services); its target (>= 2.5x) is unchecked."
+                + (" Its services fit none of the mixes run." if getattr(args, "node_checkout", None) else ""))
+    skipped = [f"({r.mix.key}): {node_peer.NOT_MEASURED.get(r.mix.key, 'no service of it fits')}"
+               for r in results if r.node is None]
+    return ("Node sandbox peer not measured on " + "; ".join(skipped) + ". Its target is unchecked there."
+            if skipped else "")
+
+
 def report(results: list[Result], args: argparse.Namespace) -> str:
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0].strip()
     lines = [
@@ -724,7 +823,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         f"fixed rate: {args.rate_share:g} x the baseline's throughput, {args.fixed_connections} connections, "
         f"{args.fixed_rounds} x {args.duration:g} s per side",
         f"Servers: service `cds-service serve` (gunicorn + granian workers), {WORKERS} workers x {THREADS} threads; "
-        f"baselines gunicorn gthread {WORKERS} x {THREADS}; peer FastAPI under uvicorn[standard], {WORKERS} workers",
+        f"baselines gunicorn gthread {WORKERS} x {THREADS}; peer FastAPI under uvicorn[standard], {WORKERS} workers"
+        + ("; Node sandbox peer one process" if any(r.node for r in results) else ""),
         "",
         "| mix | service req/s | baseline req/s | ratio (target) | CPU-time ratio | peer req/s | service / peer "
         f"(>= {PEER_TARGET:g}) | service p50 / p99 ms | worker CPU ms/req service / baseline / peer "
@@ -739,6 +839,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             f"| {r.service.p50_ms:.1f} / {r.service.p99_ms:.1f} "
             f"| {r.service.cpu_ms:.2f} / {r.baseline.cpu_ms:.2f} / {r.peer.cpu_ms if r.peer else 0:.2f} "
             f"| {_rss(r.service.rss_mb)} |")
+    lines += node_table(results, args)
     fixed = [r for r in results if r.p99_ratio is not None]
     if fixed:
         lines += ["", f"| mix | offered req/s | service p50 / p99 ms | baseline p50 / p99 ms "
@@ -764,7 +865,9 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         if r.verify_cpu_ms is not None:
             lines.append(f"Mix ({r.mix.key}): one ES384 signature check costs {r.verify_cpu_ms:.2f} ms of CPU here; "
                          f"the authenticated baseline's whole request {r.baseline.cpu_ms:.2f} ms of worker CPU.")
-    lines.append("Not measured: the Node sandbox peer (sandbox-cds-services); its target (>= 2.5x) is unchecked.")
+    unmeasured = node_unmeasured(results, args)
+    if unmeasured:
+        lines.append(unmeasured)
     return "\n".join(lines)
 
 
@@ -783,6 +886,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fixed rate as a share of the baseline's throughput (default 0.5)")
     parser.add_argument("--fixed-connections", type=int, default=64, help="open-loop runs (default 64)")
     parser.add_argument("--no-peer", action="store_true", help="leave out the FastAPI peer")
+    parser.add_argument("--node-peer", metavar="DIR", default=os.environ.get("BENCH_NODE_PEER") or None,
+                        help="a sandbox-cds-services checkout with node_modules installed: measure the Node "
+                             "sandbox peer on mixes a and b (default: $BENCH_NODE_PEER; unset: not measured)")
     parser.add_argument("--mixes", default="a,b,c,d", help="which mixes, e.g. a,b (default a,b,c,d)")
     args = parser.parse_args(argv)
     args.mixes = {m.strip() for m in args.mixes.split(",") if m.strip()}
@@ -795,6 +901,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the load generator wrk is not installed. Install it with: apt-get install wrk "
               "(Debian/Ubuntu; https://github.com/wg/wrk elsewhere)", file=sys.stderr)
         return 1
+    args.node_checkout = None
+    if args.node_peer:
+        try:
+            args.node_checkout = node_peer.checkout(args.node_peer)
+        except node_peer.NodePeerError as exc:
+            print(f"error: the Node sandbox peer (--node-peer / BENCH_NODE_PEER): {exc}", file=sys.stderr)
+            return 1
 
     workdir = Path(tempfile.mkdtemp(prefix="cds-bench-"))
     bench = Bench(args, workdir)
@@ -819,8 +932,10 @@ def main(argv: list[str] | None = None) -> int:
     if misses:
         print("\nTargets missed:\n  " + "\n  ".join(misses))
         return 3
+    node_text = (f"; service / Node sandbox peer >= {node_peer.TARGET:g}"
+                 if any(r.node for r in bench.results) else "")
     print(f"\nAll targets met (ratios; p99 at the fixed rate <= {P99_FACTOR:g}x the baseline's; service / peer >= "
-          f"{PEER_TARGET:g}; worker RSS < {RSS_LIMIT_MB:g} MB).")
+          f"{PEER_TARGET:g}{node_text}; worker RSS < {RSS_LIMIT_MB:g} MB).")
     return 0
 
 
