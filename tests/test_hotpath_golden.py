@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from cds_service.pipeline import cards as cards_module
 from cds_service.pipeline import eligibility
 from cds_service.pipeline.cards import CardBuilder, _plain_code, _ReasonCodings
+from cds_service.pipeline.detect import Detector
 from cds_service.pipeline.policy import load_catalogue
 from cds_service.storage import store as store_module
 
@@ -238,3 +239,69 @@ def test_compiled_column_checks_agree_with_the_column_types(data) -> None:
 def test_sorted_json_writes_what_json_dumps_sort_keys_wrote() -> None:
     value = {"b": [1, {"z": "é", "a": None}], "a": 1.5, "c": "\u2028"}
     assert store_module._SORTED_JSON(value) == json.dumps(value, sort_keys=True)
+
+
+# --- detection: orders coded only with other procedures' codes -------------------------------------------------
+
+class _SlowDetector(Detector):
+    """The detector without the shortcut for orders coded only with other procedures' codes."""
+
+    def _other_procedure(self, coding: dict[str, Any]) -> bool:
+        return False
+
+
+def _table_orders() -> list[Any]:
+    table = json.loads((Path(__file__).parent / "detection_table.json").read_text(encoding="utf-8"))["rows"]
+    orders = [row["order"] for row in table]
+    for path in sorted((ROOT / "fixtures").glob("*.json")):
+        orders += hotpath_golden._orders(json.loads(path.read_text(encoding="utf-8")))
+    return orders
+
+
+def test_detection_shortcut_agrees_on_the_table_and_fixtures(policy) -> None:
+    fast, slow = Detector(policy), _SlowDetector(policy)
+    orders = _table_orders()
+    assert len(orders) > 200
+    for order in orders * 2:  # the second time from the remembered verdicts
+        assert fast.match(order) == slow.match(order), order.get("id")
+
+
+code_systems = st.sampled_from(["http://www.ama-assn.org/go/cpt", "urn:oid:2.16.840.1.113883.6.12",
+                                "http://loinc.org", "http://snomed.info/sct", "http://hl7.org/fhir/sid/icd-10-pcs",
+                                "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "", "local", " "])
+procedure_codes = st.sampled_from(["0200T", "0201T", "0200T-50", "0201t rt", "22511", "22513", "72131", "97110",
+                                   "27096", "22899", "64999", "0200", "399011000", "ABC", "", " 0200T ", "G0259"])
+orders = st.fixed_dictionaries({"resourceType": st.just("ServiceRequest"), "code": st.fixed_dictionaries({
+    "coding": st.lists(st.fixed_dictionaries({"system": code_systems, "code": procedure_codes},
+                                             optional={"display": st.sampled_from(["Sacroplasty", "CT lumbar"])}),
+                       max_size=3)}, optional={"text": st.sampled_from(["Sacroplasty", "sacral augmentation",
+                                                                       "Vertebroplasty S1", "CT"])})},
+    optional={"bodySite": st.just([{"text": "sacrum"}])})
+
+
+@settings(max_examples=400)
+@given(order=orders)
+def test_detection_shortcut_agrees_on_generated_codings(policy, order) -> None:
+    assert Detector(policy).match(order) == _SlowDetector(policy).match(order)
+
+
+# --- code indexes: labels remembered per coding ---------------------------------------------------------------
+
+@settings(max_examples=300)
+@given(system=st.sampled_from(["http://hl7.org/fhir/sid/icd-10-cm", "http://snomed.info/sct", "ICD10", "x"]),
+       code=st.sampled_from(["M54.16", "m54.16 ", "M5416", "M54.5", "M54.50", "S32.1", "S32.10XA", "C79.51", "C7",
+                             "279039007", "", "G83.4", "M48.06"]))
+def test_remembered_code_labels_are_the_labels_looked_up(policy, system, code) -> None:
+    index = eligibility.chiro_rules(policy).index
+    first = index.coding_labels(system, code)
+    assert first == index._look_up(system, code)
+    assert index.coding_labels(system, code) == first
+
+
+def test_code_label_memory_is_bounded(policy) -> None:
+    index = eligibility.CodeIndex([("x", [{"system": "s", "code": "A*"}])])
+    for n in range(eligibility.MEMO_SIZE + 10):
+        assert index.coding_labels("s", f"A{n}") == frozenset({"x"})
+    assert len(index._memo) <= eligibility.MEMO_SIZE
+    assert index.coding_labels("s", "B" * 100) == frozenset()
+    assert ("s", "B" * 100) not in index._memo  # an implausibly long code is not remembered

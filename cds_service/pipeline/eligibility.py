@@ -163,6 +163,9 @@ def _code_key(system: str, code: str) -> str:
     return code.replace(".", "") if system == ICD10CM else code
 
 
+MEMO_SIZE = 4096  # codings whose labels a CodeIndex remembers (then it starts over)
+
+
 class CodeIndex:
     """Codes from conditions.json, each with a label; a code ending in '*' matches every code it starts
     (ICD-10-CM dots ignored). Looking a coding up costs one probe per distinct prefix length, whatever the
@@ -184,6 +187,7 @@ class CodeIndex:
                 else:
                     self.exact.setdefault((system, _code_key(system, code)), label)
         self.lengths = sorted(lengths)
+        self._memo: dict[tuple[str, str], frozenset[Any]] = {}  # see coding_labels
 
     def labels(self, concept: Any) -> set[Any]:
         """The labels of every coding of a CodeableConcept that is in the index."""
@@ -192,18 +196,37 @@ class CodeIndex:
             if not isinstance(coding, dict) or not isinstance(coding.get("system"), str) \
                     or not isinstance(coding.get("code"), str):
                 continue
-            sent: str = coding["system"]
-            system = self.aliases.get(sent, sent)
-            code = _code_key(system, coding["code"])
-            if (system, code) in self.exact:
-                found.add(self.exact[(system, code)])
-            for length in self.lengths:
-                if length > len(code):
-                    break
-                label = self.prefixes.get((system, code[:length]))
-                if label is not None:
-                    found.add(label)
+            found |= self.coding_labels(coding["system"], coding["code"])
         return found
+
+    def coding_labels(self, sent: str, code: str) -> frozenset[Any]:
+        """The labels of one coding (its system as sent). Remembered per (system, code), for codes of a
+        plausible length and at most MEMO_SIZE of them: the same diagnosis codes recur in call after call
+        (each conditions.json index is read several times per sacroplasty), and the answer depends on the
+        code alone."""
+        key = (sent, code)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._look_up(sent, code)
+            if len(code) <= 64 and len(sent) <= 256:
+                if len(self._memo) >= MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[key] = found
+        return found
+
+    def _look_up(self, sent: str, code: str) -> frozenset[Any]:
+        found: set[Any] = set()
+        system = self.aliases.get(sent, sent)
+        code = _code_key(system, code)
+        if (system, code) in self.exact:
+            found.add(self.exact[(system, code)])
+        for length in self.lengths:
+            if length > len(code):
+                break
+            label = self.prefixes.get((system, code[:length]))
+            if label is not None:
+                found.add(label)
+        return frozenset(found)
 
 
 class ValueSet(CodeIndex):

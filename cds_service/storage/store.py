@@ -209,15 +209,22 @@ def _column_check(column: Column) -> Callable[[Any], str | None]:
     """`_value_problem` for one column, its type and length read once: check_record runs twice per hook call
     (the card and invocation rows), and walking each column's type there was a third of its cost."""
     kind = column.type
-    if not isinstance(kind, String):
-        return lambda value: _value_problem(column, value)
-    nullable, length = column.nullable, kind.length
+    nullable = column.nullable
+    if isinstance(kind, String):
+        length = kind.length
 
-    def check(value: Any) -> str | None:
-        if value is None:
-            return None if nullable else MISSING
-        return _text_problem(value, length)
-    return check
+        def check(value: Any) -> str | None:
+            if value is None:
+                return None if nullable else MISSING
+            return _text_problem(value, length)
+        return check
+    if isinstance(kind, DateTime):
+        def check_moment(value: Any) -> str | None:
+            if value is None:
+                return None if nullable else MISSING
+            return None if isinstance(value, datetime) else BAD_TYPE
+        return check_moment
+    return lambda value: _value_problem(column, value)
 
 
 _CHECKS: dict[Table, tuple[tuple[str, bool, Callable[[Any], str | None]], ...]] = {}

@@ -58,6 +58,8 @@ def _too_deep(raw: bytes, limit: int) -> bool:
     backslashes and quotes, keep only quotes and brackets (brackets as parentheses), drop what lies between
     quotes, then peel one level of innermost brackets per pass, at most `limit` passes.
     """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # each level opens a bracket: no deeper than the number of them (those in strings too)
     if b"\\" in raw:
         raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
     structure = raw.translate(_AS_PARENTHESES, _NOT_STRUCTURE)
