@@ -305,3 +305,74 @@ def test_code_label_memory_is_bounded(policy) -> None:
     assert len(index._memo) <= eligibility.MEMO_SIZE
     assert index.coding_labels("s", "B" * 100) == frozenset()
     assert ("s", "B" * 100) not in index._memo  # an implausibly long code is not remembered
+
+
+# --- the cheaper check of a replacement order's base -------------------------------------------------------------
+
+texts = st.sampled_from(["Patient/pt-1", "Practitioner/pr-ortho-77", "Dr. Amelia Brandt", "Coverage/c1", " x",
+                         "x ", "", " ", "\u00a0", "a\u2028b", "é", "a\x00b", "a\tb", "\x1c", "x" * 10_001, "#c1",
+                         "http://ehr.example/fhir/Patient/1", "a  b"])
+codes = st.sampled_from(["draft", "order", "original-order", "routine", "stat", "a b", "a  b", " a", "a ", "",
+                         "x\ty", "é", "bogus-code", 7])
+date_times = st.sampled_from(["2026-11-25T09:14:00-05:00", "2026-11-25T09:14:00Z", "2026-02-30T00:00:00Z",
+                              "2026-11-25T24:00:00Z", "2026-11-25T23:59:60Z", "2026-11-25T09:14:00+14:00",
+                              "2026-11-25T09:14:00+15:00", "2026-11-25T09:14:00.1234567Z", "2026-11-25",
+                              "0000-01-01T00:00:00Z", "2026-11-25T09:14:00.123Z", "2026-11-25T09:14:00+05:60",
+                              "9999-12-31T23:59:59-14:00", "2026-11-25T09:14Z", "2026-13-01T00:00:00Z", "", 20261125])
+references = st.one_of(
+    st.fixed_dictionaries({"reference": texts}, optional={"display": texts, "type": st.just("Patient"),
+                                                          "identifier": st.just({"value": "1"}), "bogus": texts}),
+    st.just({}), st.just({"display": "x"}), st.just("Patient/1"), st.just({"reference": 5}))
+GOOD_BASE = {"resourceType": "ServiceRequest", "status": "draft", "intent": "order",
+             "subject": {"reference": "Patient/pt-1"}, "encounter": {"reference": "Encounter/e1"},
+             "requester": {"reference": "Practitioner/p1", "display": "Dr. X"}, "authoredOn": "2026-11-25T09:14:00Z",
+             "priority": "routine", "insurance": [{"reference": "Coverage/c1"}],
+             "note": [{"text": "Created from a CDS card."}], "code": {"text": "check"}}
+field_values = {
+    "resourceType": st.sampled_from(["Appointment", "", None]), "status": codes, "intent": codes,
+    "subject": references, "encounter": references, "requester": references, "authoredOn": date_times,
+    "priority": codes, "insurance": st.one_of(st.lists(references, max_size=3), references),
+    "note": st.sampled_from([[{"text": ""}], [{"text": " "}], [{"text": "a\x01b"}], [{"text": "Line\nline — é"}],
+                             [], "x", [{"text": "x", "author": "y"}], [{"text": "\u00a0"}]]),
+    "code": st.sampled_from([{"text": ""}, {"text": "check", "coding": []}, "check", {"text": " "}]),
+    "bogus": st.just(1),
+}
+
+
+def _edited(edits: list[tuple[str, Any]], dropped: list[str]) -> dict[str, Any]:
+    base = {k: v for k, v in GOOD_BASE.items() if k not in dropped}
+    base.update(edits)
+    return base
+
+
+bases = st.builds(_edited, st.lists(st.sampled_from(sorted(field_values)).flatmap(
+    lambda key: st.tuples(st.just(key), field_values[key])), max_size=2),
+    st.lists(st.sampled_from(["encounter", "requester", "authoredOn", "priority", "insurance", "note", "subject"]),
+             max_size=2))
+
+
+@settings(max_examples=1500)
+@given(base=bases)
+def test_what_the_cheaper_check_accepts_the_full_model_accepts(base) -> None:
+    from cds_service.pipeline.validation import order_errors, surely_valid_replacement
+
+    if surely_valid_replacement(base):
+        assert order_errors(base) == 0, base
+
+
+def test_the_cheaper_check_accepts_the_replacements_of_the_fixtures_orders(policy) -> None:
+    """...so that it spares the full model in practice: every fixture order's replacement base passes it."""
+    from cds_service.pipeline.hooks import HookRequest
+    from cds_service.pipeline.validation import order_errors, surely_valid_replacement
+
+    builder = CardBuilder(policy)
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+    request = HookRequest(hook="order-select", hook_instance="h", user_id="Practitioner/p1", patient_id="pt-1",
+                          encounter_id="e1", draft_orders=(), orders=())
+    accepted = 0
+    for order in _table_orders():
+        base = {**builder._base_order(order, request, now, copy_from_draft=True), "code": {"text": "check"}}
+        if surely_valid_replacement(base):
+            assert order_errors(base) == 0
+            accepted += 1
+    assert accepted >= 200

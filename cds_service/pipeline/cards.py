@@ -19,7 +19,7 @@ from cds_service.pipeline.decide import Decision
 from cds_service.pipeline.eligibility import ValueSet
 from cds_service.pipeline.hooks import HookRequest
 from cds_service.pipeline.policy import Alternative, Policy
-from cds_service.pipeline.validation import order_errors
+from cds_service.pipeline.validation import order_errors, surely_valid_replacement
 
 _STAND_IN = ("\x00order-name\x00", "\x00name-of-the-order\x00")  # where the detail's order name goes
 CARD_EXTENSION_POLICY = "cds-sacroplasty.policy"
@@ -192,7 +192,8 @@ class CardBuilder:
         base = self._base_order(order, hook_request, now, copy_from_draft=True)
         if order_is_valid:  # copied from a valid order: valid as it stands
             return base
-        if order_errors({**base, "code": {"text": "check"}}):
+        checked = {**base, "code": {"text": "check"}}
+        if not surely_valid_replacement(checked) and order_errors(checked):  # the full model when in doubt
             base = self._base_order(order, hook_request, now, copy_from_draft=False)
         return base
 
