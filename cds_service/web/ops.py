@@ -113,6 +113,7 @@ def scrape() -> Response:
 # --- request ids --------------------------------------------------------------------------------------------
 
 REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_ENVIRON = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")  # its WSGI environ key
 # A client's id is kept when it is a plain token (a UUID, a trace id); anything else is replaced by a fresh one,
 # so the header can carry no line break, no markup and no free text into the log.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -131,7 +132,9 @@ def register_request_id(app: Flask) -> None:
 
     @app.before_request
     def assign_request_id() -> None:
-        g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        # The header straight from the WSGI environ: what request.headers.get(REQUEST_ID_HEADER) reads, without
+        # building the headers view (every call has this hook).
+        g.request_id = request_id_from(request.environ.get(_REQUEST_ID_ENVIRON))
 
     @app.after_request
     def return_request_id(response: Response) -> Response:
