@@ -21,6 +21,7 @@ import logging
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from datetime import datetime, time, timezone
 from pathlib import Path
@@ -68,12 +69,17 @@ class Normaliser:
 
 
 class Capture(logging.Handler):
+    """The log records of the calls: those of this thread (the test client answers on it), not those another
+    test's database writer thread may log meanwhile."""
+
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self.thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        if record.thread == self.thread:
+            self.records.append(record)
 
 
 _EXTRA = ("service", "hook_instance", "status", "cards")
@@ -86,12 +92,16 @@ def _log_line(record: logging.LogRecord) -> dict[str, Any]:
             "has_duration": hasattr(record, "duration_ms")}
 
 
+# Set by database writer threads (other tests' too), whenever they run: no part of a call's answer.
+_BACKGROUND = ("cds_writer_queue_depth", "cds_database_errors", "cds_records_dropped", "cds_worker")
+
+
 def _metrics() -> dict[str, float]:
     from prometheus_client import REGISTRY
 
     values = {}
     for family in REGISTRY.collect():
-        if not family.name.startswith("cds_"):
+        if not family.name.startswith("cds_") or family.name.startswith(_BACKGROUND):
             continue
         for sample in family.samples:
             if sample.name.endswith(("_created", "_sum")) or "_bucket" in sample.name:
