@@ -711,6 +711,12 @@ class Detector:
                 self._other_codes[memo_key] = verdict
         return verdict
 
+    def _only_other_procedures(self, codings: list[Any]) -> bool:
+        for coding in codings:
+            if not isinstance(coding, dict) or not self._other_procedure(coding):
+                return False
+        return True
+
     def match(self, order: Any) -> Match | None:
         """Judge one ServiceRequest (raw JSON). None when it is not a sacroplasty."""
         if not isinstance(order, dict):
@@ -719,8 +725,7 @@ class Detector:
         if isinstance(code, dict):
             codings = code.get("coding")
             # Only standard codes of other procedures: what the loop below concludes, without reading texts.
-            if isinstance(codings, list) and codings and \
-                    all(isinstance(c, dict) and self._other_procedure(c) for c in codings):
+            if isinstance(codings, list) and codings and self._only_other_procedures(codings):
                 return None
         standard: list[tuple[str, str]] = []
         texts: list[str] = []
