@@ -388,3 +388,13 @@ def test_the_cheaper_check_accepts_the_replacements_of_the_fixtures_orders(polic
             assert order_errors(base) == 0
             accepted += 1
     assert accepted >= 200
+
+
+def test_a_context_made_from_another_does_not_share_its_remembered_findings(policy) -> None:
+    from cds_service.pipeline.patient import PatientContext
+
+    fracture = load_fixture("patient-sacral-fracture.json")["prefetch"]["conditions"]
+    ctx = PatientContext(conditions=[])
+    assert eligibility._condition_findings(ctx, policy) == (frozenset(), False)
+    other = replace(ctx, conditions=[e["resource"] for e in fracture["entry"]])
+    assert eligibility._condition_findings(other, policy)[0]

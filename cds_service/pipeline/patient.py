@@ -56,7 +56,8 @@ class PatientContext:
     # Organizations that came with the coverage data (search includes), by "Organization/id" and fullUrl.
     organizations: dict[str, dict[str, Any]] = field(default_factory=dict)
     # What the decision derives from this context more than once in a call (eligibility._condition_findings).
-    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Not an __init__ argument: dataclasses.replace() makes a context with an empty one of its own.
+    memo: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 def _resources(value: Any, resource_type: str) -> list[dict[str, Any]]:
