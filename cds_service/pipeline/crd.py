@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from dataclasses import dataclass, fields
 from datetime import date
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import orjson
 
 from cds_service.errors import bad_request
+from cds_service.pipeline.cards import new_ids
 from cds_service.pipeline.decide import Decision
 from cds_service.pipeline.patient import FHIR_ID
 from cds_service.pipeline.policy import Policy, PolicyError
@@ -165,6 +165,15 @@ def _valid_r4(resource: dict[str, Any]) -> bool:
     return True
 
 
+def _assertion_id(assertion_ids: dict[str, str], reference: str) -> str:
+    """The coverage-assertion-id of every assertion against Coverage `reference` in this response: a new
+    UUID the first time (cards.new_ids: str(uuid.uuid4())'s format, without a UUID object)."""
+    assertion_id = assertion_ids.get(reference)
+    if assertion_id is None:
+        assertion_id = assertion_ids[reference] = next(new_ids(1))
+    return assertion_id
+
+
 def coverage_actions(decisions: list[Decision], today: date) -> list[dict[str, Any]]:
     """One `update` systemAction per order that has an id and whose Coverage with a ruling pack's payer is
     known, carrying the assertion of every pack that ruled on it (each decision knows its pack).
@@ -186,8 +195,8 @@ def coverage_actions(decisions: list[Decision], today: date) -> list[dict[str, A
     for ruled in by_order.values():
         first, _ = ruled[0]
         order = first.order
-        ours = [coverage_information(reference, decision.policy, assertion_ids.setdefault(reference, str(uuid.uuid4())),
-                                     today) for decision, reference in ruled if decision.policy is not None]
+        ours = [coverage_information(reference, decision.policy, _assertion_id(assertion_ids, reference), today)
+                for decision, reference in ruled if decision.policy is not None]
         references = {reference for _, reference in ruled}
         existing = order.get("extension", [])
         existing = [] if existing is None else existing

@@ -558,6 +558,7 @@ class Detector:
                     if isinstance(uri, str):
                         self._systems[_system_key(uri)] = label
         self._system_labels: dict[str, str] = {}  # as sent -> label, cached
+        self._other_codes: dict[tuple[str, str], bool] = {}  # (system, code) as sent -> _other_procedure
         # (label, code) -> (evidence, laterality)
         self._codes: _CodeTable = {}
         for entry in _dicts(data.get("codes")):
@@ -688,11 +689,44 @@ class Detector:
                 self._system_labels[system] = label
         return label, code, modifiers
 
+    def _other_procedure(self, coding: dict[str, Any]) -> bool:
+        """Is this coding a standard code of some other procedure, neither one of ours nor a vertebral
+        augmentation code? An order coded only so is no sacroplasty, whatever its texts say (see `match`).
+        Remembered per (system, code) as sent, like the texts' analyses: the same catalogue codes come in call
+        after call (most orders of an order-sign call are such orders)."""
+        system, code = coding.get("system"), coding.get("code")
+        if not isinstance(system, str) or not isinstance(code, str):
+            return False
+        memo_key = (system, code)
+        verdict = self._other_codes.get(memo_key)
+        if verdict is None:
+            key = self._key(coding)
+            verdict = key is not None and key[0] not in (None, "local") \
+                and (self._formats.get(key[0]) is None or bool(self._formats[key[0]].fullmatch(key[1]))) \
+                and (key[0], key[1]) not in self._naming_no_procedure \
+                and (key[0], key[1]) not in self._codes and (key[0], key[1]) not in self._va_codes
+            if len(code) <= 64 and len(system) <= 300:
+                if len(self._other_codes) >= CACHE_SIZE:
+                    self._other_codes.clear()
+                self._other_codes[memo_key] = verdict
+        return verdict
+
+    def _only_other_procedures(self, codings: list[Any]) -> bool:
+        for coding in codings:
+            if not isinstance(coding, dict) or not self._other_procedure(coding):
+                return False
+        return True
+
     def match(self, order: Any) -> Match | None:
         """Judge one ServiceRequest (raw JSON). None when it is not a sacroplasty."""
         if not isinstance(order, dict):
             return None
         code = order.get("code")
+        if isinstance(code, dict):
+            codings = code.get("coding")
+            # Only standard codes of other procedures: what the loop below concludes, without reading texts.
+            if isinstance(codings, list) and codings and self._only_other_procedures(codings):
+                return None
         standard: list[tuple[str, str]] = []
         texts: list[str] = []
         own: list[str] = []  # the texts that are not a standard code's display: where laterality is read

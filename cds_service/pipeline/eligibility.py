@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from functools import lru_cache
 from typing import Any
@@ -56,8 +56,11 @@ class ChiroStatus:
 
 # -- plan membership ---------------------------------------------------------------------------------------
 
+_NOT_WORD = re.compile(r"[^\w]+")
+
+
 def _words(text: Any) -> str:
-    return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split()) if isinstance(text, str) else ""
+    return " ".join(_NOT_WORD.sub(" ", text.casefold()).split()) if isinstance(text, str) else ""
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -160,6 +163,9 @@ def _code_key(system: str, code: str) -> str:
     return code.replace(".", "") if system == ICD10CM else code
 
 
+MEMO_SIZE = 4096  # codings whose labels a CodeIndex remembers (then it starts over)
+
+
 class CodeIndex:
     """Codes from conditions.json, each with a label; a code ending in '*' matches every code it starts
     (ICD-10-CM dots ignored). Looking a coding up costs one probe per distinct prefix length, whatever the
@@ -181,6 +187,7 @@ class CodeIndex:
                 else:
                     self.exact.setdefault((system, _code_key(system, code)), label)
         self.lengths = sorted(lengths)
+        self._memo: dict[tuple[str, str], frozenset[Any]] = {}  # see coding_labels
 
     def labels(self, concept: Any) -> set[Any]:
         """The labels of every coding of a CodeableConcept that is in the index."""
@@ -189,18 +196,37 @@ class CodeIndex:
             if not isinstance(coding, dict) or not isinstance(coding.get("system"), str) \
                     or not isinstance(coding.get("code"), str):
                 continue
-            sent: str = coding["system"]
-            system = self.aliases.get(sent, sent)
-            code = _code_key(system, coding["code"])
-            if (system, code) in self.exact:
-                found.add(self.exact[(system, code)])
-            for length in self.lengths:
-                if length > len(code):
-                    break
-                label = self.prefixes.get((system, code[:length]))
-                if label is not None:
-                    found.add(label)
+            found |= self.coding_labels(coding["system"], coding["code"])
         return found
+
+    def coding_labels(self, sent: str, code: str) -> frozenset[Any]:
+        """The labels of one coding (its system as sent). Remembered per (system, code), for codes of a
+        plausible length and at most MEMO_SIZE of them: the same diagnosis codes recur in call after call
+        (each conditions.json index is read several times per sacroplasty), and the answer depends on the
+        code alone."""
+        key = (sent, code)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._look_up(sent, code)
+            if len(code) <= 64 and len(sent) <= 256:
+                if len(self._memo) >= MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[key] = found
+        return found
+
+    def _look_up(self, sent: str, code: str) -> frozenset[Any]:
+        found: set[Any] = set()
+        system = self.aliases.get(sent, sent)
+        code = _code_key(system, code)
+        if (system, code) in self.exact:
+            found.add(self.exact[(system, code)])
+        for length in self.lengths:
+            if length > len(code):
+                break
+            label = self.prefixes.get((system, code[:length]))
+            if label is not None:
+                found.add(label)
+        return frozenset(found)
 
 
 class ValueSet(CodeIndex):
@@ -282,6 +308,25 @@ def concept_texts(concept: Any) -> list[str]:
     return [t[:TEXT_READ] for t in texts if isinstance(t, str) and t]
 
 
+_WORD_BEFORE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")  # what may not touch a word on its left
+_WORD_AFTER = frozenset("abcdefghijklmnopqrstuvwxyz")  # ... on its right (a digit may: "L5" after "fx")
+
+
+def names_word(text: str, words: tuple[str, ...]) -> bool:
+    """Does `text` hold one of `words` as a whole word: what chiro_rules' pattern
+    (?<![a-z0-9])(?:w1|w2|...)(?![a-z]) finds (tests/test_hotpath_golden.py checks they agree), through
+    str.find instead of a regular expression."""
+    for word in words:
+        start = text.find(word)
+        while start != -1:
+            end = start + len(word)
+            if (start == 0 or text[start - 1] not in _WORD_BEFORE) and \
+                    (end == len(text) or text[end] not in _WORD_AFTER):
+                return True
+            start = text.find(word, start + 1)
+    return False
+
+
 @dataclass(frozen=True)
 class ChiroRules:
     """conditions.json compiled once per policy: one index labels each code with its contraindication kind
@@ -292,6 +337,10 @@ class ChiroRules:
     words: tuple[tuple[str, re.Pattern[str]], ...]
     low_back_pain: ValueSet
     window_days: int
+    # Per kind of `words`, its words as plain (casefolded) strings, for `names_word`: what the kind's pattern
+    # finds, found by C-speed substring search (the pattern's search tries every word at every position: it was
+    # a third of a sacroplasty call's decision).
+    literals: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def findings(self, concepts: Iterable[Any]) -> tuple[frozenset[str], bool]:
         """(the contraindication kinds, any radiculopathy) among CodeableConcepts, by code or by word."""
@@ -302,8 +351,16 @@ class ChiroRules:
             texts += concept_texts(concept)
         if texts:
             text = "\n".join(texts).casefold()
-            labels |= {kind for kind, pattern in self.words if pattern.search(text)}
+            labels |= {kind for kind, _ in self.words if names_word(text, self.literals[kind])}
         return frozenset(k for k in self.kinds if k in labels), RADICULOPATHY in labels
+
+    def radiculopathy(self, concepts: Iterable[Any]) -> bool:
+        """`findings(concepts)[1]`, without reading texts when no word list can name radiculopathy (words name
+        contraindication kinds): the chiropractic rule asks this of every sacroplasty order's reasons, and the
+        word search is most of what `findings` costs."""
+        if any(kind == RADICULOPATHY for kind, _ in self.words):
+            return self.findings(concepts)[1]
+        return any(RADICULOPATHY in self.index.labels(concept) for concept in concepts)
 
     def first(self, kinds: Iterable[str]) -> str | None:
         """The kind named on the card: the first, in the file's order, of those recorded."""
@@ -321,8 +378,10 @@ def chiro_rules(policy: Policy) -> ChiroRules:
     words = tuple((kind, re.compile(r"(?<![a-z0-9])(?:" + "|".join(re.escape(w.casefold()) for w in value["words"])
                                     + r")(?![a-z])"))
                   for kind, value in contraindications.items() if value.get("words"))
+    literals = {kind: tuple(w.casefold() for w in value["words"])
+                for kind, value in contraindications.items() if value.get("words")}
     return ChiroRules(index, tuple(contraindications), words, ValueSet(conditions["low_back_pain"], aliases),
-                      int(conditions["onset_window_days"]))
+                      int(conditions["onset_window_days"]), literals)
 
 
 @dataclass(frozen=True)
@@ -344,8 +403,19 @@ def patient_contraindications(ctx: PatientContext, policy: Policy) -> PatientCon
     rules = chiro_rules(policy)
     conditions = [c for c in ctx.conditions or [] if isinstance(c, dict)]
     by_reference = {f"Condition/{c['id']}": c for c in conditions if isinstance(c.get("id"), str)}
-    kinds, _ = rules.findings(c.get("code") for c in conditions if may_be_present(c))
+    kinds, _ = _condition_findings(ctx, policy)
     return PatientContraindications(kinds, rules, by_reference)
+
+
+def _condition_findings(ctx: PatientContext, policy: Policy) -> tuple[frozenset[str], bool]:
+    """`findings` over the codes of the patient's Conditions that may be present. Both the contraindications
+    and the chiropractic rule need it: read once per call and pack (kept on the call's PatientContext)."""
+    key = ("condition_findings", policy)
+    found = ctx.memo.get(key)
+    if found is None:
+        present = (c.get("code") for c in ctx.conditions or [] if isinstance(c, dict) and may_be_present(c))
+        found = ctx.memo[key] = chiro_rules(policy).findings(present)
+    return found
 
 
 @dataclass(frozen=True)
@@ -359,7 +429,7 @@ class PatientChiro:
     def for_order(self, order: dict[str, Any] | None, policy: Policy,
                   contraindications: frozenset[str] = frozenset()) -> ChiroStatus:
         rules = chiro_rules(policy)
-        radiculopathy = rules.findings(order_reasons(order, self.conditions_by_reference))[1] \
+        radiculopathy = rules.radiculopathy(order_reasons(order, self.conditions_by_reference)) \
             if isinstance(order, dict) else False
         first = rules.first(contraindications)
         if first:
@@ -406,7 +476,7 @@ def patient_chiropractic(ctx: PatientContext, policy: Policy, today: date) -> Pa
     by_reference = {f"Condition/{c['id']}": c for c in ctx.conditions
                     if isinstance(c, dict) and isinstance(c.get("id"), str)}
     present = [c for c in ctx.conditions if isinstance(c, dict) and may_be_present(c)]
-    _, radiculopathy = rules.findings(c.get("code") for c in present)
+    _, radiculopathy = _condition_findings(ctx, policy)
     back_pain = [c for c in present if is_active(c) and rules.low_back_pain.matches(c.get("code"))]
     if not back_pain:
         status = ChiroStatus(True, "chiro_no_problem", messages["chiro_label_onset_unknown"])

@@ -55,6 +55,9 @@ class PatientContext:
     unavailable: frozenset[str] = field(default_factory=frozenset)  # keys that could not be had
     # Organizations that came with the coverage data (search includes), by "Organization/id" and fullUrl.
     organizations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What the decision derives from this context more than once in a call (eligibility._condition_findings).
+    # Not an __init__ argument: dataclasses.replace() makes a context with an empty one of its own.
+    memo: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 def _resources(value: Any, resource_type: str) -> list[dict[str, Any]]:

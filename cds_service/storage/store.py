@@ -179,18 +179,7 @@ def _value_problem(column: Column, value: Any) -> str | None:
         return None if column.nullable else MISSING
     kind = column.type
     if isinstance(kind, String):  # Text included (a String without a length)
-        if not isinstance(value, str):
-            return BAD_TYPE
-        if kind.length is not None and len(value) > kind.length:
-            return TOO_LONG
-        if "\x00" in value:
-            return NUL_CHARACTER
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return UNENCODABLE
-        return None
+        return _text_problem(value, kind.length)
     if isinstance(kind, DateTime):
         return None if isinstance(value, datetime) else BAD_TYPE
     if isinstance(kind, Boolean):
@@ -200,18 +189,69 @@ def _value_problem(column: Column, value: Any) -> str | None:
     return None
 
 
+def _text_problem(value: Any, length: int | None) -> str | None:
+    """_value_problem for a String column that is given a value."""
+    if not isinstance(value, str):
+        return BAD_TYPE
+    if length is not None and len(value) > length:
+        return TOO_LONG
+    if "\x00" in value:
+        return NUL_CHARACTER
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return UNENCODABLE
+    return None
+
+
+def _column_check(column: Column) -> Callable[[Any], str | None]:
+    """`_value_problem` for one column, its type and length read once: check_record runs twice per hook call
+    (the card and invocation rows), and walking each column's type there was a third of its cost."""
+    kind = column.type
+    nullable = column.nullable
+    if isinstance(kind, String):
+        length = kind.length
+
+        def check(value: Any) -> str | None:
+            if value is None:
+                return None if nullable else MISSING
+            return _text_problem(value, length)
+        return check
+    if isinstance(kind, DateTime):
+        def check_moment(value: Any) -> str | None:
+            if value is None:
+                return None if nullable else MISSING
+            return None if isinstance(value, datetime) else BAD_TYPE
+        return check_moment
+    return lambda value: _value_problem(column, value)
+
+
+_CHECKS: dict[Table, tuple[tuple[str, bool, Callable[[Any], str | None]], ...]] = {}
+
+
+def _table_checks(table: Table) -> tuple[tuple[str, bool, Callable[[Any], str | None]], ...]:
+    """Per column of `table`: its name, whether the database assigns it when None, and its check; made once."""
+    checks = _CHECKS.get(table)
+    if checks is None:
+        checks = _CHECKS[table] = tuple(
+            (column.name, bool(column.primary_key and isinstance(column.type, Integer)), _column_check(column))
+            for column in table.columns)
+    return checks
+
+
 def check_record(table: Table, row: dict[str, Any], index: int | None = None) -> dict[str, Any]:
     """`row` with exactly the columns of `table` (absent nullable ones as None), checked against the table's
     column types and lengths before it goes near the database. Raises InvalidRecord for the first problem."""
     checked = {}
-    for column in table.columns:
-        value = row.get(column.name)
-        if value is None and column.primary_key and isinstance(column.type, Integer):
+    for name, assigned, check in _table_checks(table):
+        value = row.get(name)
+        if value is None and assigned:
             continue  # assigned by the database
-        reason = _value_problem(column, value)
+        reason = check(value)
         if reason is not None:
-            raise InvalidRecord(table.name, column.name, reason, index)
-        checked[column.name] = value
+            raise InvalidRecord(table.name, name, reason, index)
+        checked[name] = value
     return checked
 
 
@@ -231,6 +271,10 @@ def _permanent(exc: BaseException) -> str | None:
     if isinstance(exc, (TypeError, ValueError)):
         return BAD_TYPE
     return None
+
+
+# json.dumps(v, sort_keys=True) builds an encoder per call; one made once writes the same text.
+_SORTED_JSON = json.JSONEncoder(sort_keys=True).encode
 
 
 def _log_id(value: Any, limit: int = 80) -> str:
@@ -426,7 +470,7 @@ class Store:
     def _prepare_card(row: dict[str, Any]) -> dict[str, Any]:
         """The row as stored: issued_at in UTC, suggestions as JSON. Raises InvalidRecord for bad types."""
         prepared = dict(row)
-        for name, convert in (("issued_at", as_utc), ("suggestions", lambda v: json.dumps(v, sort_keys=True))):
+        for name, convert in (("issued_at", as_utc), ("suggestions", _SORTED_JSON)):
             try:
                 prepared[name] = convert(row[name])
             except (KeyError, AttributeError, TypeError, ValueError, OverflowError):
@@ -441,7 +485,7 @@ class Store:
             self.audit_retention_days = retention_days
         try:
             prepared = dict(row)
-            prepared["decisions"] = json.dumps(row.get("decisions") or [], sort_keys=True)
+            prepared["decisions"] = _SORTED_JSON(row.get("decisions") or [])
             response = row.get("response", b"")
             prepared["response"] = response.decode("utf-8", "replace") if isinstance(response, bytes) \
                 else str(response)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import re
 import threading
-import uuid
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
@@ -18,6 +17,7 @@ from sqlalchemy import text
 
 from cds_service import metrics
 from cds_service.errors import ApiError
+from cds_service.pipeline.cards import new_ids
 
 bp = Blueprint("ops", __name__)
 
@@ -113,16 +113,18 @@ def scrape() -> Response:
 # --- request ids --------------------------------------------------------------------------------------------
 
 REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_ENVIRON = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")  # its WSGI environ key
 # A client's id is kept when it is a plain token (a UUID, a trace id); anything else is replaced by a fresh one,
 # so the header can carry no line break, no markup and no free text into the log.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def request_id_from(header: str | None) -> str:
-    """The client's X-Request-ID when it is a plain token of at most 128 characters, else a new UUID."""
+    """The client's X-Request-ID when it is a plain token of at most 128 characters, else a new UUID (version
+    4, formatted as str(uuid.uuid4()) is, without building a UUID object: cards.new_ids)."""
     if header and _REQUEST_ID.fullmatch(header):
         return header
-    return str(uuid.uuid4())
+    return next(new_ids(1))
 
 
 def register_request_id(app: Flask) -> None:
@@ -130,7 +132,9 @@ def register_request_id(app: Flask) -> None:
 
     @app.before_request
     def assign_request_id() -> None:
-        g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        # The header straight from the WSGI environ: what request.headers.get(REQUEST_ID_HEADER) reads, without
+        # building the headers view (every call has this hook).
+        g.request_id = request_id_from(request.environ.get(_REQUEST_ID_ENVIRON))
 
     @app.after_request
     def return_request_id(response: Response) -> Response:
