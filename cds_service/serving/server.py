@@ -8,9 +8,9 @@ Each worker serves gunicorn's socket with granian's HTTP/1.1 server (Rust: hyper
 interface and `bridge.Bridge`: the connection, the request line and headers (under their own read deadline) and
 the body (awaited on the worker's event loop, under the size cap and the read deadline) are read without a Python
 thread; only a complete request is handed to one of the worker's threads, which runs the Flask app. A client that
-trickles its request costs an open socket and a pending read, never a thread (issue 13, finding 3). The same work
-costs a third of the CPU it cost under waitress, and half of what gunicorn's own thread worker costs
-(bench/RESULTS.md, issue 17).
+trickles its request costs an open socket and a pending read, never a thread (issue 13, finding 3). It is also
+cheaper: a no-op Flask app cost 0.35 ms of worker CPU per call served this way against 0.62 ms under gunicorn's own
+thread worker, and the service's common call 0.70 ms against 0.99 ms under waitress (bench/RESULTS.md, issue 17).
 
 granian is used below its command line (gunicorn, not granian, manages the processes), through the same calls its
 own embedded server makes; the version is pinned in pyproject.toml for that reason, and tests/test_serving.py
