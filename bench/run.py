@@ -1,6 +1,6 @@
 """Benchmark: the CDS service against the framework's own limit and a FastAPI peer, in one run (issues 7, 17).
 
-Starts `cds-service serve` exactly as production does (gunicorn managing waitress workers, 2 workers x 4
+Starts `cds-service serve` exactly as production does (gunicorn managing granian workers, 2 workers x 4
 threads) and, under gunicorn gthread with 2 workers x 4 threads, the baselines: bench/baseline_app.py, a Flask
 app whose hook route only parses the JSON body and answers {"cards": []}, and for the authenticated mix
 bench/baseline_auth_app.py, the same app that first verifies the same ES384 JWT with PyJWT against the same
@@ -822,7 +822,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         f"{args.rounds} x {args.duration:g} s per side per mix (alternating), after {args.warmup:g} s warm-up; "
         f"fixed rate: {args.rate_share:g} x the baseline's throughput, {args.fixed_connections} connections, "
         f"{args.fixed_rounds} x {args.duration:g} s per side",
-        f"Servers: service `cds-service serve` (gunicorn + waitress workers), {WORKERS} workers x {THREADS} threads; "
+        f"Servers: service `cds-service serve` (gunicorn + granian workers), {WORKERS} workers x {THREADS} threads; "
         f"baselines gunicorn gthread {WORKERS} x {THREADS}; peer FastAPI under uvicorn[standard], {WORKERS} workers"
         + ("; Node sandbox peer one process" if any(r.node for r in results) else ""),
         "",

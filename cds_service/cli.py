@@ -45,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cds_service import create_app
     from cds_service.pipeline import evaluate  # noqa: F401  (imported before the fork: workers share the pages)
     from cds_service.serving.logs import gunicorn_logger_class
-    from cds_service.serving.server import WaitressWorker
+    from cds_service.serving.server import GranianWorker
 
     if args.dev:
         os.environ["CDS_DEV"] = "1"
@@ -77,16 +77,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    WaitressWorker.max_body_bytes = settings.max_body_bytes
-    WaitressWorker.request_read_seconds = settings.request_read_seconds
+    GranianWorker.max_body_bytes = settings.max_body_bytes
+    GranianWorker.request_read_seconds = settings.request_read_seconds
 
     class Server(BaseApplication):  # gunicorn's documented way to embed it
         def load_config(self) -> None:
             self.cfg.set("bind", f"{args.host}:{args.port}")
             self.cfg.set("workers", args.workers)
-            # Each worker serves with waitress, which reads whole requests before a thread sees them: a
-            # slow client never holds a thread (see serving.py).
-            self.cfg.set("worker_class", "cds_service.serving.server.WaitressWorker")
+            # Each worker serves with granian, reading whole requests before a thread sees them: a slow
+            # client never holds a thread (see serving/server.py).
+            self.cfg.set("worker_class", "cds_service.serving.server.GranianWorker")
             self.cfg.set("threads", args.threads)
             self.cfg.set("timeout", 30)
             if "control_socket_disable" in self.cfg.settings:
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cds-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the service (gunicorn workers serving with waitress)")
+    serve = commands.add_parser("serve", help="run the service (gunicorn workers serving with granian)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=2)

@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cds_service"
 FORBIDDEN_IN_PIPELINE = {"flask", "flask_cors", "werkzeug", "sqlalchemy", "requests", "urllib3", "gunicorn",
-                         "waitress", "psycopg"}
+                         "granian", "psycopg"}
 # What each layer may import from the package (besides itself and the shared modules).
 SHARED = {"config", "errors", "safetext", "metrics"}  # metrics: the metric objects every layer counts on
 MAY_IMPORT = {

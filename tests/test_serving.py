@@ -152,16 +152,37 @@ def test_make_install_installs_the_postgres_extra() -> None:
     assert installs and all("[postgres]" in line or "postgres]" in line for line in installs), installs
 
 
+def _raw(port: int, data: bytes) -> bytes:
+    """Send `data` on a fresh connection; all the server answers before it closes the connection."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
 def test_malformed_and_oversized_requests_get_json_errors(start_server) -> None:
-    """What waitress refuses itself (before the app) is a JSON error too, never a stack trace."""
-    server = start_server(args=["--dev"], workers=1)
+    """What the server refuses itself, before the app, is a JSON error with the right status when the request is
+    HTTP; what is not HTTP/1.1 at all gets the HTTP layer's bare 400 or 431. Never a 500, never a stack trace."""
+    server = start_server(env={"CDS_MAX_BODY_BYTES": "20000"}, args=["--dev"], workers=1)
     huge = requests.get(f"{server.url}/cds-services", headers={"X-Pad": "x" * 100_000}, timeout=10)
     assert huge.status_code == 431
     assert huge.headers["Content-Type"] == "application/json" and huge.json()["error"]
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(b"POST /cds-services HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
-        answer = sock.recv(65536)
-    assert answer.startswith(b"HTTP/1.1 400") and b"application/json" in answer and b"Traceback" not in answer
+
+    chunked_over_cap = _raw(server.port, f"POST /cds-services/{HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                            "application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                            + b"7530\r\n" + b" " * 0x7530 + b"\r\n0\r\n\r\n")  # one chunk of 30,000 bytes
+    head, _, body = chunked_over_cap.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"application/json" in head and b'"error"' in body
+
+    for not_http in (b"POST /cds-services HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+                     b"GARBAGE\r\n\r\n",
+                     b"GET /cds-services HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"x" * 500_000 + b"\r\n\r\n"):
+        answer = _raw(server.port, not_http)
+        assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), answer[:100]
+        assert b"Traceback" not in answer and b" 500 " not in answer
+    assert requests.get(f"{server.url}/cds-services", timeout=5).status_code == 200
 
 
 def test_a_request_still_arriving_after_the_read_deadline_is_cut(start_server) -> None:

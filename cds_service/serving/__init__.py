@@ -1,1 +1,2 @@
-"""Running the service: the production web server (gunicorn managing waitress workers) and its log handler."""
+"""Running the service: the production web server (gunicorn managing workers that serve with granian), its
+request bridge and its log handler."""

@@ -1,6 +1,6 @@
 """`cds-service serve` on a free loopback port, as the tests (tests/conftest.py) and the benchmark start it.
 
-The command is the one production runs (gunicorn workers serving with waitress); only the host is fixed to
+The command is the one production runs (gunicorn workers serving with granian); only the host is fixed to
 127.0.0.1 and the port chosen free.
 """
 
