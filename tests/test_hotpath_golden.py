@@ -69,6 +69,12 @@ def test_the_record_covers_cards_updates_and_refusals() -> None:
 
 # --- contraindication words: str.find instead of one pattern per kind -----------------------------------------
 
+def _patterns(rules) -> list[tuple[tuple[str, ...], re.Pattern[str]]]:
+    """Per kind, its words and the regular expression the service used before issue 17 to find them."""
+    return [(words, re.compile(r"(?<![a-z0-9])(?:" + "|".join(re.escape(w) for w in words) + r")(?![a-z])"))
+            for _, words in rules.words]
+
+
 def _word_texts(policy) -> st.SearchStrategy[str]:
     words = [w.casefold() for value in policy.conditions["contraindications"].values() if isinstance(value, dict)
              for w in value.get("words", [])]
@@ -82,8 +88,8 @@ def _word_texts(policy) -> st.SearchStrategy[str]:
 def test_names_word_agrees_with_each_kinds_pattern(policy, data) -> None:
     rules = eligibility.chiro_rules(policy)
     text = data.draw(_word_texts(policy))
-    for kind, pattern in rules.words:
-        assert eligibility.names_word(text, rules.literals[kind]) == bool(pattern.search(text)), (kind, text)
+    for words, pattern in _patterns(rules):
+        assert eligibility.names_word(text, words) == bool(pattern.search(text)), (words, text)
 
 
 def test_names_word_on_the_fixtures_texts(policy) -> None:
@@ -92,8 +98,8 @@ def test_names_word_on_the_fixtures_texts(policy) -> None:
              for t in re.findall(r'"(?:text|display)":\s*"([^"]*)"', path.read_text(encoding="utf-8"))]
     assert len(texts) > 50
     for text in texts:
-        for kind, pattern in rules.words:
-            assert eligibility.names_word(text, rules.literals[kind]) == bool(pattern.search(text))
+        for words, pattern in _patterns(rules):
+            assert eligibility.names_word(text, words) == bool(pattern.search(text))
 
 
 concepts = st.lists(st.fixed_dictionaries({"coding": st.lists(st.fixed_dictionaries({
@@ -132,7 +138,8 @@ def test_plain_code_by_split_agrees_with_a_walk_over_characters(code: Any) -> No
 
 
 def _fitting_reasons_before(builder: CardBuilder, alternative, order: dict[str, Any]) -> list[dict[str, Any]]:
-    """CardBuilder._fitting_reasons as it was before issue 17 (one lookup per alternative and coding)."""
+    """The reasons a created order copied before issue 17 (CardBuilder._fitting_reasons: one lookup per
+    alternative and coding)."""
     as_list = cards_module._as_list
     sets = [builder._reason_sets[name] for name in alternative.reasons_that_fit]
     reasons: list[dict[str, Any]] = []

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, timedelta
 from functools import lru_cache
 from typing import Any
@@ -313,9 +313,8 @@ _WORD_AFTER = frozenset("abcdefghijklmnopqrstuvwxyz")  # ... on its right (a dig
 
 
 def names_word(text: str, words: tuple[str, ...]) -> bool:
-    """Does `text` hold one of `words` as a whole word: what chiro_rules' pattern
-    (?<![a-z0-9])(?:w1|w2|...)(?![a-z]) finds (tests/test_hotpath_golden.py checks they agree), through
-    str.find instead of a regular expression."""
+    """Does `text` hold one of `words` as a whole word: what the pattern (?<![a-z0-9])(?:w1|w2|...)(?![a-z])
+    finds (tests/test_hotpath_golden.py checks they agree), through str.find instead of a regular expression."""
     for word in words:
         start = text.find(word)
         while start != -1:
@@ -330,17 +329,15 @@ def names_word(text: str, words: tuple[str, ...]) -> bool:
 @dataclass(frozen=True)
 class ChiroRules:
     """conditions.json compiled once per policy: one index labels each code with its contraindication kind
-    (rank = position in the file, the first kind found is the one named) or RADICULOPATHY; `words` finds a kind
-    named in free text."""
+    (rank = position in the file, the first kind found is the one named) or RADICULOPATHY; `words` holds, per
+    kind, the casefolded words that name it in free text, found as whole words by `names_word` (C-speed
+    substring search: a regular expression per kind tried every word at every position, a third of a
+    sacroplasty call's decision)."""
     index: CodeIndex
     kinds: tuple[str, ...]
-    words: tuple[tuple[str, re.Pattern[str]], ...]
+    words: tuple[tuple[str, tuple[str, ...]], ...]
     low_back_pain: ValueSet
     window_days: int
-    # Per kind of `words`, its words as plain (casefolded) strings, for `names_word`: what the kind's pattern
-    # finds, found by C-speed substring search (the pattern's search tries every word at every position: it was
-    # a third of a sacroplasty call's decision).
-    literals: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def findings(self, concepts: Iterable[Any]) -> tuple[frozenset[str], bool]:
         """(the contraindication kinds, any radiculopathy) among CodeableConcepts, by code or by word."""
@@ -351,7 +348,7 @@ class ChiroRules:
             texts += concept_texts(concept)
         if texts:
             text = "\n".join(texts).casefold()
-            labels |= {kind for kind, _ in self.words if names_word(text, self.literals[kind])}
+            labels |= {kind for kind, words in self.words if names_word(text, words)}
         return frozenset(k for k in self.kinds if k in labels), RADICULOPATHY in labels
 
     def radiculopathy(self, concepts: Iterable[Any]) -> bool:
@@ -375,13 +372,10 @@ def chiro_rules(policy: Policy) -> ChiroRules:
     contraindications = {k: v for k, v in conditions["contraindications"].items() if not k.startswith("_")}
     index = CodeIndex([*((kind, value["codes"]) for kind, value in contraindications.items()),
                        (RADICULOPATHY, conditions["radiculopathy"])], aliases)
-    words = tuple((kind, re.compile(r"(?<![a-z0-9])(?:" + "|".join(re.escape(w.casefold()) for w in value["words"])
-                                    + r")(?![a-z])"))
+    words = tuple((kind, tuple(w.casefold() for w in value["words"]))
                   for kind, value in contraindications.items() if value.get("words"))
-    literals = {kind: tuple(w.casefold() for w in value["words"])
-                for kind, value in contraindications.items() if value.get("words")}
     return ChiroRules(index, tuple(contraindications), words, ValueSet(conditions["low_back_pain"], aliases),
-                      int(conditions["onset_window_days"]), literals)
+                      int(conditions["onset_window_days"]))
 
 
 @dataclass(frozen=True)
