@@ -181,7 +181,7 @@ def _value_problem(column: Column, value: Any) -> str | None:
     if isinstance(kind, String):  # Text included (a String without a length)
         return _text_problem(value, kind.length)
     if isinstance(kind, DateTime):
-        return None if isinstance(value, datetime) else BAD_TYPE
+        return _moment_problem(value)
     if isinstance(kind, Boolean):
         return None if isinstance(value, bool) else BAD_TYPE
     if isinstance(kind, Integer):
@@ -205,26 +205,27 @@ def _text_problem(value: Any, length: int | None) -> str | None:
     return None
 
 
+def _moment_problem(value: Any) -> str | None:
+    """_value_problem for a DateTime column that is given a value."""
+    return None if isinstance(value, datetime) else BAD_TYPE
+
+
 def _column_check(column: Column) -> Callable[[Any], str | None]:
     """`_value_problem` for one column, its type and length read once: check_record runs twice per hook call
     (the card and invocation rows), and walking each column's type there was a third of its cost."""
     kind = column.type
-    nullable = column.nullable
+    typed: Callable[[Any], str | None]
     if isinstance(kind, String):
-        length = kind.length
+        typed = functools.partial(_text_problem, length=kind.length)
+    elif isinstance(kind, DateTime):
+        typed = _moment_problem
+    else:
+        return lambda value: _value_problem(column, value)
+    missing = None if column.nullable else MISSING
 
-        def check(value: Any) -> str | None:
-            if value is None:
-                return None if nullable else MISSING
-            return _text_problem(value, length)
-        return check
-    if isinstance(kind, DateTime):
-        def check_moment(value: Any) -> str | None:
-            if value is None:
-                return None if nullable else MISSING
-            return None if isinstance(value, datetime) else BAD_TYPE
-        return check_moment
-    return lambda value: _value_problem(column, value)
+    def check(value: Any) -> str | None:
+        return missing if value is None else typed(value)
+    return check
 
 
 _CHECKS: dict[Table, tuple[tuple[str, bool, Callable[[Any], str | None]], ...]] = {}
