@@ -221,11 +221,6 @@ class CardBuilder:
         resource["note"] = [{"text": self._note}]
         return resource
 
-    def _fitting_reasons(self, alternative: Alternative, order: dict[str, Any]) -> list[dict[str, Any]]:
-        """The order's reasonCode concepts that support `alternative` (alternatives.json `reasons_that_fit`),
-        bounded in number and size, each cut to the codings that match (valid Codings by construction)."""
-        return _ReasonCodings(order, self._reason_sets).fitting(alternative)
-
     @staticmethod
     def replacement_order(alternative: Alternative, base: dict[str, Any], resource_id: str,
                           reasons: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -253,7 +248,8 @@ class _ReasonCodings:
             self.concepts.append((concept, codings))
 
     def fitting(self, alternative: Alternative) -> list[dict[str, Any]]:
-        """CardBuilder._fitting_reasons of the order, for `alternative`."""
+        """The order's reasonCode concepts that support `alternative` (alternatives.json `reasons_that_fit`),
+        bounded in number and size, each cut to the codings that match (valid Codings by construction)."""
         wanted = frozenset(alternative.reasons_that_fit)
         reasons: list[dict[str, Any]] = []
         for concept, coded in self.concepts:
